@@ -1,0 +1,182 @@
+"""Settings: one object built once from flags, PULLTHROUGH_* variables, a TOML file and defaults.
+
+Precedence is flag > environment > file > default; a bad value is one readable line naming the key.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: Any) -> float:
+    """'24h', '5m', '1h30m', '0s', or a number of seconds -> seconds."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    if not isinstance(value, str):
+        raise ValueError("expected a duration such as '24h', '5m' or '30s'")
+    text = value.strip().lower()
+    if text.isdigit():
+        return float(text)
+    parts = _DURATION_PART.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ValueError(f"{value!r} is not a duration such as '24h', '5m' or '30s'")
+    return sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+_REGISTRY_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[0-9]{1,5})?$")
+
+
+class RegistryConfig(BaseModel):
+    """One upstream registry and the name clients use for it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    url: str
+    default: bool = False
+    tag_ttl: Duration = 300.0
+    username: str | None = None
+    password: SecretStr | None = None
+    password_env: str | None = None
+    # Hosts (besides the registry's own) that may receive the credentials when a
+    # token challenge names them as realm: Docker Hub's realm is auth.docker.io.
+    auth_realm_hosts: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _check(self) -> RegistryConfig:
+        if not _REGISTRY_NAME.match(self.name):
+            raise ValueError(f"registry name {self.name!r} must look like a host name (docker.io, ghcr.io)")
+        if not re.match(r"^https?://[^/\s]+/?$", self.url):
+            raise ValueError(f"registry url {self.url!r} must be http(s)://host[:port]")
+        if self.password is not None and self.password_env is not None:
+            raise ValueError("give password or password_env, not both")
+        return self
+
+    @property
+    def base_url(self) -> str:
+        return self.url.rstrip("/")
+
+    def credentials(self) -> tuple[str, str] | None:
+        """(username, password) when configured; the password read from its variable at call time."""
+        if self.username is None:
+            return None
+        if self.password_env is not None:
+            return self.username, os.environ.get(self.password_env, "")
+        return self.username, self.password.get_secret_value() if self.password else ""
+
+
+def _default_registries() -> list[RegistryConfig]:
+    return [
+        RegistryConfig(
+            name="docker.io", url="https://registry-1.docker.io", default=True, auth_realm_hosts=("auth.docker.io",)
+        ),
+        RegistryConfig(name="ghcr.io", url="https://ghcr.io"),
+        RegistryConfig(name="quay.io", url="https://quay.io"),
+        RegistryConfig(name="registry.k8s.io", url="https://registry.k8s.io"),
+        RegistryConfig(name="nvcr.io", url="https://nvcr.io", auth_realm_hosts=("authn.nvidia.com",)),
+        RegistryConfig(name="public.ecr.aws", url="https://public.ecr.aws"),
+    ]
+
+
+class Settings(BaseSettings):
+    """Everything pullthrough reads from its configuration, validated."""
+
+    model_config = SettingsConfigDict(env_prefix="PULLTHROUGH_", extra="forbid", frozen=True)
+
+    listen: str = "127.0.0.1:5000"
+    cache_dir: Path = Path("/var/cache/pullthrough")
+    database_url: str | None = None
+    default_ttl: Duration = 86400.0
+    log_level: str = "info"
+    access_log: bool = False
+    registries: list[RegistryConfig] = Field(default_factory=_default_registries)
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        host, sep, port = self.listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"listen {self.listen!r} must be HOST:PORT")
+        names = [r.name for r in self.registries]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"registries: name {duplicates[0]!r} appears twice")
+        if sum(r.default for r in self.registries) > 1:
+            raise ValueError("registries: only one registry may have default = true")
+        return self
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.cache_dir / 'index.db'}"
+
+
+class ConfigError(Exception):
+    """A configuration problem, worded for one line on stderr."""
+
+
+def load_settings(config_file: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
+    """Build the settings; overrides are command-line flags (None means not given)."""
+    path = config_file or os.environ.get("PULLTHROUGH_CONFIG")
+    if path is not None:
+        _check_toml(Path(path))
+    flags = {k: v for k, v in overrides.items() if v is not None}
+
+    class _Sourced(Settings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+            if path is not None:
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(path)))
+            return tuple(sources)
+
+    try:
+        return _Sourced(**flags)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+def _check_toml(path: Path) -> None:
+    try:
+        with path.open("rb") as f:
+            tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
+
+
+def _describe(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    key = ".".join(str(part) for part in error["loc"]) or "config"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown key"
+    return f"{key}: {message}"

@@ -1,0 +1,1 @@
+"""HTTP pieces shared by every source: byte ranges and streaming blob responses."""

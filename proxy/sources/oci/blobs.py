@@ -1,0 +1,70 @@
+"""Blobs: served from the store, or filled once from upstream while every client follows the fill."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from proxy.http.ranges import RangeNotSatisfiable
+from proxy.http.responses import ByteSource, FileSource, blob_response
+from proxy.sources.oci.errors import API_VERSION_HEADER, OciError, RangeInvalid, UpstreamUnavailable
+from proxy.sources.oci.names import Target
+from proxy.sources.oci.upstream import RegistryClient
+from proxy.store.blobs import BlobFile
+from proxy.store.cache import BlobCache
+from proxy.store.fill import Fill
+
+IMMUTABLE = "public, max-age=31536000, immutable"
+
+
+class BlobService:
+    """Answers blob GET and HEAD for every configured registry."""
+
+    def __init__(self, cache: BlobCache, clients: dict[str, RegistryClient]) -> None:
+        self._cache = cache
+        self._clients = clients
+
+    async def serve(self, target: Target, request: Request) -> Response:
+        digest = target.digest
+        assert digest is not None
+        headers = {**API_VERSION_HEADER, "Docker-Content-Digest": str(digest), "ETag": f'"{digest}"', "Cache-Control": IMMUTABLE}
+        blob = await self._cache.lookup(digest)
+        if blob is not None:
+            return self._respond(FileSource(blob), blob.size, request, headers)
+        client = self._clients[target.registry.name]
+        if request.method == "HEAD" and self._cache.filler.inflight(digest) is None:
+            upstream = await client.head_blob(target.repository, str(digest))
+            size = int(upstream.headers.get("content-length", "0"))
+            return self._respond(None, size, request, headers)  # HEAD sends no body
+        fill, _joined = self._cache.fill(digest, lambda: client.open_blob(target.repository, str(digest)))
+        size = await _opened_size(fill)
+        if size is None:
+            # The upstream announced no length: the client gets the blob once it is whole.
+            blob = await _finished(fill)
+            return self._respond(FileSource(blob), blob.size, request, headers)
+        return self._respond(fill, size, request, headers)
+
+    @staticmethod
+    def _respond(source: ByteSource | None, size: int, request: Request, headers: dict[str, str]) -> Response:
+        try:
+            return blob_response(
+                source, size, method=request.method, range_header=request.headers.get("range"), headers=headers
+            )
+        except RangeNotSatisfiable as exc:
+            raise RangeInvalid(str(exc), headers={"Content-Range": f"bytes */{exc.size}"}) from None
+
+
+async def _opened_size(fill: Fill) -> int | None:
+    try:
+        return await fill.opened()
+    except OciError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - worded for the client, logged by the filler
+        raise UpstreamUnavailable(f"fetching {fill.digest} failed: {exc}") from None
+
+
+async def _finished(fill: Fill) -> BlobFile:
+    blob = await fill.finished()
+    if blob is None:
+        raise UpstreamUnavailable(f"fetching {fill.digest} failed")
+    return blob

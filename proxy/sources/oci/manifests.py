@@ -1,0 +1,160 @@
+"""Manifests: stored byte-exact by digest, tags resolved through a cached reference.
+
+Inside a tag's TTL a pull by tag costs no upstream request; after it, one HEAD (free on Docker
+Hub) tells whether the digest moved. When the upstream is down or rate-limits, the last known
+digest is served, stale, with a warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+
+import httpx
+
+from proxy.sources.oci.errors import ManifestInvalid, TooManyRequests, UpstreamUnavailable
+from proxy.sources.oci.names import Target
+from proxy.sources.oci.upstream import RegistryClient
+from proxy.store.cache import BlobCache, SmallObject
+from proxy.store.digest import Digest, InvalidDigest, UnsupportedDigest
+from proxy.store.index import Reference
+
+log = logging.getLogger(__name__)
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+# What the mirror asks for when it fetches for its own cache: every current type, so that the
+# upstream answers with the representation it stores (never a down-conversion).
+ALL_MANIFEST_TYPES = [OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST]
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+SOURCE = "oci"
+
+
+def parse_accept(values: list[str]) -> list[str]:
+    """Media types from one or several Accept header lines, without parameters."""
+    types = []
+    for value in values:
+        for part in value.split(","):
+            media_type = part.split(";", 1)[0].strip().lower()
+            if media_type:
+                types.append(media_type)
+    return types
+
+
+def accepts(accepted: list[str], media_type: str | None) -> bool:
+    if not accepted or "*/*" in accepted or media_type is None:
+        return True
+    return media_type in accepted
+
+
+def _media_type(response: httpx.Response, data: bytes) -> str | None:
+    header = response.headers.get("content-type", "").split(";", 1)[0].strip()
+    if header and header not in ("application/json", "application/octet-stream", "text/plain"):
+        return header
+    try:
+        declared = json.loads(data).get("mediaType")
+    except (ValueError, AttributeError):
+        declared = None
+    return declared if isinstance(declared, str) else (header or None)
+
+
+class ManifestService:
+    """Answers manifest requests for every configured registry."""
+
+    def __init__(self, cache: BlobCache, clients: dict[str, RegistryClient]) -> None:
+        self._cache = cache
+        self._clients = clients
+
+    async def get(self, target: Target, accept: list[str]) -> SmallObject:
+        if target.digest is not None:
+            return await self._by_digest(target, target.digest, accept)
+        return await self._by_tag(target, accept)
+
+    async def _by_digest(self, target: Target, digest: Digest, accept: list[str]) -> SmallObject:
+        item = await self._cache.get_small(digest)
+        if item is not None:
+            return item
+        client = self._clients[target.registry.name]
+        response = await client.get_manifest(target.repository, str(digest), _upstream_accept(accept))
+        return await self._store_verified(response, digest)
+
+    async def _by_tag(self, target: Target, accept: list[str]) -> SmallObject:
+        ref = await self._cache.get_reference(SOURCE, target.tag_key)
+        cached = await self._cached(ref, accept)
+        if cached is not None and ref is not None and ref.is_fresh():
+            return cached
+        try:
+            return await self._revalidate(target, accept)
+        except (UpstreamUnavailable, TooManyRequests) as exc:
+            if cached is None:
+                raise
+            log.warning("serving %s stale at %s: %s", target.tag_key, cached.digest, exc.message)
+            return cached
+
+    async def _cached(self, ref: Reference | None, accept: list[str]) -> SmallObject | None:
+        if ref is None:
+            return None
+        item = await self._cache.get_small(Digest.parse(ref.digest))
+        return item if item is not None and accepts(accept, item.media_type) else None
+
+    async def _revalidate(self, target: Target, accept: list[str]) -> SmallObject:
+        client = self._clients[target.registry.name]
+        head = await client.head_manifest(target.repository, target.reference, ALL_MANIFEST_TYPES)
+        digest = _header_digest(head)
+        media_type = head.headers.get("content-type", "").split(";", 1)[0].strip() or None
+        if digest is not None and accepts(accept, media_type):
+            item = await self._cache.get_small(digest)
+            if item is None:
+                response = await client.get_manifest(target.repository, str(digest), ALL_MANIFEST_TYPES)
+                item = await self._store_verified(response, digest)
+            await self._remember_tag(target, item, head)
+            return item
+        # The client wants another representation than the registry's own (an old client that
+        # takes no index): ask with its Accept and keep the answer by digest only, not as the tag.
+        response = await client.get_manifest(target.repository, target.reference, accept)
+        digest = _header_digest(response) or Digest.from_hex(hashlib.sha256(response.content).hexdigest())
+        return await self._store_verified(response, digest)
+
+    async def _store_verified(self, response: httpx.Response, digest: Digest) -> SmallObject:
+        data = response.content
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise ManifestInvalid(f"upstream manifest {digest} is larger than {MAX_MANIFEST_BYTES} bytes")
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != digest.hex:
+            log.warning("upstream sent a manifest for %s that hashes to sha256:%s", digest, actual)
+            raise ManifestInvalid(f"upstream sent bytes that do not match {digest}")
+        return await self._cache.put_small(data, digest, _media_type(response, data))
+
+    async def _remember_tag(self, target: Target, item: SmallObject, head: httpx.Response) -> None:
+        now = time.time()
+        validators = {k: head.headers[k] for k in ("docker-content-digest", "etag") if k in head.headers}
+        await self._cache.put_reference(
+            Reference(
+                source=SOURCE,
+                key=target.tag_key,
+                digest=str(item.digest),
+                fetched_at=now,
+                expires_at=now + target.registry.tag_ttl,
+                validators=validators,
+                meta={"media_type": item.media_type},
+            )
+        )
+
+
+def _header_digest(response: httpx.Response) -> Digest | None:
+    value = response.headers.get("docker-content-digest")
+    if not value:
+        return None
+    try:
+        return Digest.parse(value)
+    except (InvalidDigest, UnsupportedDigest):
+        return None
+
+
+def _upstream_accept(accept: list[str]) -> list[str]:
+    return list(dict.fromkeys([*accept, *ALL_MANIFEST_TYPES])) if accept and "*/*" not in accept else ALL_MANIFEST_TYPES
+

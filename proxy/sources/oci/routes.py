@@ -1,0 +1,91 @@
+"""The /v2/ endpoints: parse, dispatch to manifests, blobs or tags, and word every error as OCI JSON."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import httpx
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from proxy.config import Settings
+from proxy.sources.oci.blobs import BlobService
+from proxy.sources.oci.errors import API_VERSION_HEADER, OciError, Unsupported
+from proxy.sources.oci.manifests import ManifestService, parse_accept
+from proxy.sources.oci.names import Kind, Router, Target
+from proxy.sources.oci.upstream import RegistryClient
+from proxy.store.cache import BlobCache
+
+log = logging.getLogger(__name__)
+
+ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
+
+class OciMirror:
+    """A registry mirror over every configured upstream registry."""
+
+    def __init__(self, settings: Settings, cache: BlobCache, http: httpx.AsyncClient) -> None:
+        self.router = Router(settings.registries)
+        self.clients = {r.name: RegistryClient(r, http) for r in settings.registries}
+        self.manifests = ManifestService(cache, self.clients)
+        self.blobs = BlobService(cache, self.clients)
+
+    def routes(self) -> list[BaseRoute]:
+        return [
+            Route("/v2", self.ping, methods=ALL_METHODS),
+            Route("/v2/", self.ping, methods=ALL_METHODS),
+            Route("/v2/{rest:path}", self.dispatch, methods=ALL_METHODS),
+        ]
+
+    async def ping(self, request: Request) -> Response:
+        if request.method not in ("GET", "HEAD"):
+            return Unsupported("pullthrough is a read-only mirror").response()
+        return Response(b"{}", media_type="application/json", headers=API_VERSION_HEADER)
+
+    async def dispatch(self, request: Request) -> Response:
+        try:
+            if request.method not in ("GET", "HEAD"):
+                raise Unsupported("pullthrough is a read-only mirror: pushes and deletes are not supported")
+            target = self.router.route(request.path_params["rest"], request.query_params.get("ns"))
+            if target.kind is Kind.BLOB:
+                return await self.blobs.serve(target, request)
+            if target.kind is Kind.MANIFEST:
+                return await self._manifest(target, request)
+            return await self._tags(target, request)
+        except OciError as exc:
+            return exc.response()
+        except Exception:
+            log.exception("unexpected error on %s %s", request.method, request.url.path)
+            return OciError("internal error in the mirror").response()
+
+    async def _manifest(self, target: Target, request: Request) -> Response:
+        item = await self.manifests.get(target, parse_accept(request.headers.getlist("accept")))
+        etag = f'"{item.digest}"'
+        headers = {
+            **API_VERSION_HEADER,
+            "Docker-Content-Digest": str(item.digest),
+            "ETag": etag,
+            "Content-Length": str(len(item.data)),
+        }
+        if_none_match = request.headers.get("if-none-match", "")
+        if etag in if_none_match or str(item.digest) in if_none_match:
+            return Response(status_code=304, headers={k: v for k, v in headers.items() if k != "Content-Length"})
+        body = b"" if request.method == "HEAD" else item.data
+        return Response(body, headers=headers, media_type=item.media_type or "application/json")
+
+    async def _tags(self, target: Target, request: Request) -> Response:
+        params = {k: v for k, v in request.query_params.items() if k in ("n", "last")}
+        upstream = await self.clients[target.registry.name].get_tags(target.repository, params)
+        headers = dict(API_VERSION_HEADER)
+        link = upstream.headers.get("link")
+        if link:
+            # Keep pagination inside the mirror: the upstream's link names its own path.
+            headers["Link"] = re.sub(r"<(?:https?://[^/>]+)?/v2/", f"<{_mirror_v2(target)}", link, count=1)
+        body = b"" if request.method == "HEAD" else upstream.content
+        return Response(body, headers=headers, media_type=upstream.headers.get("content-type", "application/json"))
+
+
+def _mirror_v2(target: Target) -> str:
+    return f"/v2/{target.prefix}"

@@ -1,0 +1,282 @@
+"""Talking to one upstream registry: the token flow, retries, redirects, and its errors.
+
+Tokens are cached per scope until they expire, credentials go only to the registry itself or a
+realm host the configuration names, and neither is ever logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import httpx
+
+from proxy.config import RegistryConfig
+from proxy.sources.oci.errors import (
+    BY_CODE,
+    BlobUnknown,
+    Denied,
+    ManifestUnknown,
+    OciError,
+    TooManyRequests,
+    Unauthorized,
+    UpstreamError,
+    UpstreamUnavailable,
+)
+
+log = logging.getLogger(__name__)
+
+RETRIES = 2
+RETRY_BACKOFF = (0.2, 1.0)
+RETRY_STATUSES = {502, 503, 504}
+_CHALLENGE_PARAM = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
+
+
+@dataclass(frozen=True, slots=True)
+class Challenge:
+    scheme: str  # "bearer" or "basic"
+    realm: str
+    service: str | None
+
+
+def parse_challenge(header: str) -> Challenge | None:
+    """The WWW-Authenticate challenge of a registry: `Bearer realm="…",service="…",scope="…"`."""
+    scheme, _, params = header.strip().partition(" ")
+    values = {m.group(1).lower(): m.group(2) if m.group(2) is not None else m.group(3) for m in _CHALLENGE_PARAM.finditer(params)}
+    scheme = scheme.lower()
+    if scheme == "basic":
+        return Challenge("basic", values.get("realm", ""), None)
+    if scheme == "bearer" and values.get("realm"):
+        return Challenge("bearer", values["realm"], values.get("service"))
+    return None
+
+
+@dataclass
+class _Token:
+    value: str
+    expires_at: float
+
+
+class TokenCache:
+    """Bearer tokens per (realm, service, scope), fetched once however many requests need one."""
+
+    def __init__(self) -> None:
+        self._tokens: dict[tuple[str, str | None, str], _Token] = {}
+        self._locks: dict[tuple[str, str | None, str], asyncio.Lock] = {}
+
+    def get(self, key: tuple[str, str | None, str]) -> str | None:
+        token = self._tokens.get(key)
+        if token is None or token.expires_at <= time.monotonic():
+            return None
+        return token.value
+
+    def lock(self, key: tuple[str, str | None, str]) -> asyncio.Lock:
+        return self._locks.setdefault(key, asyncio.Lock())
+
+    def put(self, key: tuple[str, str | None, str], value: str, expires_in: float) -> None:
+        # Renew a little early so that a token never expires between check and use.
+        lifetime = max(expires_in * 0.9 - 5, 1)
+        self._tokens[key] = _Token(value, time.monotonic() + lifetime)
+
+
+class BlobStream:
+    """An open upstream blob response (satisfies the store's UpstreamBody)."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self._response = response
+        length = response.headers.get("content-length")
+        self.size: int | None = int(length) if length and length.isdigit() else None
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        async for chunk in self._response.aiter_raw():
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
+
+
+class RegistryClient:
+    """Requests to one upstream registry on behalf of the mirror."""
+
+    def __init__(self, registry: RegistryConfig, http: httpx.AsyncClient) -> None:
+        self.registry = registry
+        self._http = http
+        self._tokens = TokenCache()
+        self._challenge: Challenge | None = None
+        self.ratelimit_remaining: str | None = None
+
+    # -- public operations ------------------------------------------------------------------
+    async def head_manifest(self, repository: str, reference: str, accept: list[str]) -> httpx.Response:
+        return await self._request("HEAD", repository, f"manifests/{reference}", accept=accept, missing=ManifestUnknown)
+
+    async def get_manifest(self, repository: str, reference: str, accept: list[str]) -> httpx.Response:
+        return await self._request("GET", repository, f"manifests/{reference}", accept=accept, missing=ManifestUnknown)
+
+    async def head_blob(self, repository: str, digest: str) -> httpx.Response:
+        return await self._request("HEAD", repository, f"blobs/{digest}", missing=BlobUnknown)
+
+    async def open_blob(self, repository: str, digest: str) -> BlobStream:
+        response = await self._request("GET", repository, f"blobs/{digest}", missing=BlobUnknown, stream=True)
+        return BlobStream(response)
+
+    async def get_tags(self, repository: str, params: dict[str, str]) -> httpx.Response:
+        return await self._request("GET", repository, "tags/list", params=params, missing=ManifestUnknown)
+
+    # -- the request loop -------------------------------------------------------------------
+    async def _request(
+        self,
+        method: str,
+        repository: str,
+        path: str,
+        *,
+        missing: type[OciError],
+        accept: list[str] | None = None,
+        params: dict[str, str] | None = None,
+        stream: bool = False,
+    ) -> httpx.Response:
+        url = f"{self.registry.base_url}/v2/{repository}/{path}"
+        scope = f"repository:{repository}:pull"
+        headers = {"Accept": ", ".join(accept)} if accept else {}
+        for attempt in range(RETRIES + 1):
+            try:
+                response = await self._send_authorized(method, url, headers, params, scope, stream)
+            except httpx.TransportError as exc:
+                if attempt < RETRIES:
+                    await asyncio.sleep(RETRY_BACKOFF[min(attempt, len(RETRY_BACKOFF) - 1)])
+                    continue
+                raise UpstreamUnavailable(f"{self.registry.name} unreachable: {type(exc).__name__}") from None
+            self._note_ratelimit(response)
+            if response.status_code in RETRY_STATUSES and attempt < RETRIES:
+                await response.aclose()
+                await asyncio.sleep(RETRY_BACKOFF[min(attempt, len(RETRY_BACKOFF) - 1)])
+                continue
+            if response.is_success:
+                return response
+            error = await self._error_from(response, missing)
+            await response.aclose()
+            raise error
+        raise AssertionError("unreachable")
+
+    async def _send_authorized(
+        self, method: str, url: str, headers: dict[str, str], params: dict[str, str] | None, scope: str, stream: bool
+    ) -> httpx.Response:
+        auth = await self._authorization(scope)
+        response = await self._send(method, url, headers, params, auth, stream)
+        if response.status_code != 401:
+            return response
+        challenge = parse_challenge(response.headers.get("www-authenticate", ""))
+        if challenge is None or (challenge == self._challenge and auth is not None):
+            return response  # we already answered this challenge; the credentials are not enough
+        await response.aclose()
+        self._challenge = challenge
+        auth = await self._authorization(scope)
+        if auth is None:
+            return await self._send(method, url, headers, params, None, stream)
+        return await self._send(method, url, headers, params, auth, stream)
+
+    async def _send(
+        self, method: str, url: str, headers: dict[str, str], params: dict[str, str] | None, auth: str | None, stream: bool
+    ) -> httpx.Response:
+        request_headers = dict(headers)
+        if auth is not None:
+            request_headers["Authorization"] = auth
+        request = self._http.build_request(method, url, headers=request_headers, params=params)
+        # httpx drops Authorization when a redirect leaves the origin (a CDN), as it must.
+        response = await self._http.send(request, stream=True, follow_redirects=True)
+        if not stream or not response.is_success:
+            await response.aread()
+        return response
+
+    async def _authorization(self, scope: str) -> str | None:
+        challenge = self._challenge
+        if challenge is None:
+            return None
+        credentials = self.registry.credentials()
+        if challenge.scheme == "basic":
+            return _basic_authorization(*credentials) if credentials else None
+        key = (challenge.realm, challenge.service, scope)
+        token = self._tokens.get(key)
+        if token is not None:
+            return f"Bearer {token}"
+        async with self._tokens.lock(key):
+            token = self._tokens.get(key)
+            if token is None:
+                token = await self._fetch_token(challenge, scope, key)
+        return f"Bearer {token}" if token else None
+
+    async def _fetch_token(self, challenge: Challenge, scope: str, key: tuple[str, str | None, str]) -> str | None:
+        params = {"scope": scope}
+        if challenge.service:
+            params["service"] = challenge.service
+        credentials = self.registry.credentials() if self._may_receive_credentials(challenge.realm) else None
+        try:
+            response = await self._http.get(
+                challenge.realm, params=params, auth=httpx.BasicAuth(*credentials) if credentials else None
+            )
+        except httpx.TransportError as exc:
+            raise UpstreamUnavailable(f"token service of {self.registry.name} unreachable: {type(exc).__name__}") from None
+        if response.status_code in (401, 403):
+            raise Unauthorized(f"{self.registry.name} refused the configured credentials")
+        if not response.is_success:
+            raise UpstreamUnavailable(f"token service of {self.registry.name} answered {response.status_code}")
+        try:
+            body = response.json()
+            token = body.get("token") or body.get("access_token")
+            expires_in = float(body.get("expires_in") or 60)
+        except (ValueError, AttributeError, TypeError):
+            raise UpstreamUnavailable(f"token service of {self.registry.name} sent an unreadable answer") from None
+        if not token:
+            return None
+        self._tokens.put(key, token, expires_in)
+        return token
+
+    def _may_receive_credentials(self, realm: str) -> bool:
+        realm_parts = urlsplit(realm)
+        registry_host = urlsplit(self.registry.base_url).hostname
+        if realm_parts.scheme != "https" and realm_parts.hostname != registry_host:
+            return False
+        return realm_parts.hostname == registry_host or realm_parts.hostname in self.registry.auth_realm_hosts
+
+    def _note_ratelimit(self, response: httpx.Response) -> None:
+        remaining = response.headers.get("ratelimit-remaining")
+        if remaining is not None:
+            self.ratelimit_remaining = remaining
+
+    async def _error_from(self, response: httpx.Response, missing: type[OciError]) -> OciError:
+        """The upstream's own OCI error when it sent one, else one from its status."""
+        status = response.status_code
+        code, message, detail = _oci_error_body(response)
+        if status == 404:
+            cls = BY_CODE.get(code or "", missing)
+            return cls(message or f"not found upstream at {self.registry.name}", detail=detail)
+        if status == 401:
+            return Unauthorized(message or f"{self.registry.name} requires authentication", detail=detail)
+        if status == 403:
+            return Denied(message or f"{self.registry.name} denied access", detail=detail)
+        if status == 429:
+            return TooManyRequests(message or f"{self.registry.name} rate limit reached", detail=detail)
+        if status >= 500:
+            return UpstreamUnavailable(f"{self.registry.name} answered {status}")
+        return UpstreamError(status if 400 <= status < 500 else 502, code or "UNKNOWN", message or f"upstream answered {status}")
+
+
+def _basic_authorization(username: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
+
+
+def _oci_error_body(response: httpx.Response) -> tuple[str | None, str | None, object]:
+    if response.request.method == "HEAD" or not response.content:
+        return None, None, None
+    try:
+        errors = json.loads(response.content).get("errors") or []
+        first = errors[0]
+        return str(first.get("code")), str(first.get("message", ""))[:500], first.get("detail")
+    except (ValueError, AttributeError, IndexError, TypeError):
+        return None, None, None
