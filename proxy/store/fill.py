@@ -71,6 +71,7 @@ class Fill:
         self.blob: BlobFile | None = None
         self.stats = FillStats(started_at=time.monotonic())
         self._temp: TempBlob | None = None
+        self._discarding = False  # set before the temp file is closed: no new reader may dup it
         self._changed = asyncio.Event()
         self._opened = asyncio.Event()
 
@@ -118,13 +119,14 @@ class Fill:
         if self.state is FillState.COMMITTED:
             assert self.blob is not None
             return os.open(self.blob.path, os.O_RDONLY | os.O_CLOEXEC)
-        if self.state is FillState.STREAMING and self._temp is not None:
+        if self.state is FillState.STREAMING and self._temp is not None and not self._discarding:
             # dup, not open by path: the temp file is renamed on commit, the inode stays.
             return os.dup(self._temp.fd)
         raise FillFailed(f"fill of {self.digest} failed: {self.error}")
 
     async def read(self, start: int, end: int) -> AsyncIterator[bytes]:
         """Bytes [start, end) as they arrive; the final byte only once the blob is verified."""
+        await self.opened()
         fd = self._open_fd()
         try:
             pos = start
@@ -192,9 +194,10 @@ class Filler:
             temp.close()
             log.info("filled %s (%d bytes, %d followers)", fill.digest, blob.size, fill.stats.followers)
         except BaseException as exc:  # noqa: BLE001 - the fill must never leave readers waiting
-            fill._fail(exc)
             if temp is not None:
+                fill._discarding = True
                 await anyio.to_thread.run_sync(temp.discard)
+            fill._fail(exc)
             if not isinstance(exc, asyncio.CancelledError):
                 log.warning("fill of %s failed: %s", fill.digest, exc)
             if isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt, SystemExit)):

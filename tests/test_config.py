@@ -1,0 +1,97 @@
+"""Settings: flag > environment > file > default, and one clear line for a bad configuration."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from proxy.config import ConfigError, load_settings, parse_duration
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_durations_accept_units_and_combinations() -> None:
+    assert parse_duration("24h") == 86400
+    assert parse_duration("5m") == 300
+    assert parse_duration("1h30m") == 5400
+    assert parse_duration("0s") == 0
+    assert parse_duration(90) == 90
+    for bad in ["5 minutes", "h", "-1s", "5x"]:
+        with pytest.raises(ValueError):
+            parse_duration(bad)
+
+
+def test_defaults_mirror_the_well_known_registries_with_docker_hub_as_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PULLTHROUGH_CONFIG", raising=False)
+    settings = load_settings()
+    names = [r.name for r in settings.registries]
+    assert names == ["docker.io", "ghcr.io", "quay.io", "registry.k8s.io", "nvcr.io", "public.ecr.aws"]
+    assert [r.name for r in settings.registries if r.default] == ["docker.io"]
+    assert settings.listen == "127.0.0.1:5000"
+    assert settings.default_ttl == 86400
+    assert settings.effective_database_url == f"sqlite:///{settings.cache_dir / 'index.db'}"
+
+
+def test_flag_beats_environment_beats_file_beats_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = write(tmp_path / "c.toml", 'listen = "127.0.0.1:7001"\ncache_dir = "/from/file"\ndefault_ttl = "2h"\n')
+    monkeypatch.setenv("PULLTHROUGH_CACHE_DIR", "/from/env")
+    monkeypatch.setenv("PULLTHROUGH_LISTEN", "127.0.0.1:7002")
+    settings = load_settings(config, listen="127.0.0.1:7003")
+    assert settings.listen == "127.0.0.1:7003"  # flag
+    assert settings.cache_dir == Path("/from/env")  # environment over file
+    assert settings.default_ttl == 7200  # file over default
+
+
+def test_config_file_may_come_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = write(
+        tmp_path / "c.toml",
+        '[[registries]]\nname = "mirror.test"\nurl = "http://127.0.0.1:1"\ndefault = true\ntag_ttl = "0s"\n',
+    )
+    monkeypatch.setenv("PULLTHROUGH_CONFIG", str(config))
+    settings = load_settings()
+    assert [(r.name, r.tag_ttl, r.default) for r in settings.registries] == [("mirror.test", 0.0, True)]
+
+
+def test_password_comes_from_its_variable_at_use(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = write(
+        tmp_path / "c.toml",
+        '[[registries]]\nname = "a.test"\nurl = "https://a.test"\nusername = "u"\npassword_env = "A_PASS"\n',
+    )
+    monkeypatch.setenv("A_PASS", "s3cret")
+    settings = load_settings(config)
+    assert settings.registries[0].credentials() == ("u", "s3cret")
+    assert "s3cret" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ('listen = "nowhere"\n', "listen"),
+        ('default_ttl = "soon"\n', "default_ttl"),
+        ('cache_dirr = "/x"\n', "cache_dirr"),
+        ('[[registries]]\nname = "a.test"\n', "registries.0.url"),
+        ('[[registries]]\nname = "a.test"\nurl = "ftp://x"\n', "registries.0"),
+        ('[[registries]]\nname="a"\nurl="http://a"\ndefault=true\n[[registries]]\nname="b"\nurl="http://b"\ndefault=true\n', "registries"),
+        ("listen = \n", "c.toml"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path: Path, text: str, key: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_settings(write(tmp_path / "c.toml", text))
+    assert str(error.value).startswith(key) or key in str(error.value)
+
+
+def test_serve_with_bad_config_prints_one_line_and_exits_2(tmp_path: Path) -> None:
+    config = write(tmp_path / "c.toml", 'default_ttl = "soon"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "serve", "--config", str(config)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pullthrough: config error: default_ttl:")

@@ -1,0 +1,203 @@
+"""The store on its own: content-addressed files, atomic commits, single-flight fills with followers."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from proxy.store.blobs import BlobStore, DigestMismatch
+from proxy.store.cache import BlobCache
+from proxy.store.digest import Digest, InvalidDigest, UnsupportedDigest
+from proxy.store.fill import FillFailed
+from proxy.store.index import Index, make_engine
+from proxy.migrate import upgrade
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class ScriptedUpstream:
+    """An upstream body whose chunks are released by the test, counting how often it was opened."""
+
+    def __init__(self, data: bytes, *, chunk: int = 256 * 1024, announce: int | None = None) -> None:
+        self.data = data
+        self.chunk = chunk
+        self.size = len(data) if announce is None else announce
+        self.opens = 0
+        self.release = asyncio.Event()
+        self.release.set()
+        self.stall_at: int | None = None  # stop before this offset until released
+
+    async def open(self) -> ScriptedUpstream:
+        self.opens += 1
+        return self
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        for pos in range(0, len(self.data), self.chunk):
+            if self.stall_at is None or pos >= self.stall_at:
+                await self.release.wait()
+            yield self.data[pos : pos + self.chunk]
+            await asyncio.sleep(0)
+
+    async def aclose(self) -> None:
+        pass
+
+
+@pytest.fixture
+def cache(tmp_path: Path) -> BlobCache:
+    url = f"sqlite:///{tmp_path / 'index.db'}"
+    upgrade(url)
+    return BlobCache(BlobStore(tmp_path / "cache"), Index(make_engine(url)))
+
+
+def digest_of(data: bytes) -> Digest:
+    return Digest.from_hex(hashlib.sha256(data).hexdigest())
+
+
+async def collect(fill, start: int, end: int) -> bytes:  # type: ignore[no-untyped-def]
+    return b"".join([chunk async for chunk in fill.read(start, end)])
+
+
+def test_digest_parse_accepts_only_lowercase_sha256() -> None:
+    assert str(Digest.parse("sha256:" + "a" * 64)) == "sha256:" + "a" * 64
+    with pytest.raises(UnsupportedDigest):
+        Digest.parse("sha512:" + "a" * 128)
+    for bad in ["sha256:" + "A" * 64, "sha256:abc", "sha256:../../etc/passwd", "", "sha256:" + "a" * 63 + "/"]:
+        with pytest.raises(InvalidDigest):
+            Digest.parse(bad)
+
+
+def test_blob_path_is_sharded_under_the_cache_root(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path)
+    digest = Digest.parse("sha256:ab" + "0" * 62)
+    assert store.path_for(digest) == tmp_path / "blobs" / "sha256" / "ab" / ("ab" + "0" * 62)
+
+
+def test_commit_of_mismatching_bytes_raises_and_leaves_no_blob(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path)
+    store.prepare()
+    digest = digest_of(b"expected")
+    temp = store.new_temp()
+    temp.append(b"something else")
+    with pytest.raises(DigestMismatch):
+        store.commit(temp, digest, None)
+    temp.discard()
+    assert store.stat(digest) is None
+    assert list(store.tmp_dir.iterdir()) == []
+
+
+def test_prepare_sweeps_this_nodes_temp_files_but_not_other_nodes(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path, node_id="node-a")
+    store.prepare()
+    (store.tmp_dir / "node-a.123.deadbeef").write_bytes(b"half a blob")
+    (store.tmp_dir / "node-b.456.cafebabe").write_bytes(b"another node's fill")
+    store.prepare()
+    assert sorted(p.name for p in store.tmp_dir.iterdir()) == ["node-b.456.cafebabe"]
+
+
+async def test_concurrent_misses_share_one_upstream_stream(cache: BlobCache) -> None:
+    await cache.start()
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    digest = digest_of(data)
+    upstream = ScriptedUpstream(data)
+    upstream.release.clear()
+    fills = [cache.fill(digest, upstream.open) for _ in range(8)]
+    assert [joined for _, joined in fills] == [False] + [True] * 7
+    readers = [asyncio.create_task(collect(fill, 0, len(data))) for fill, _ in fills]
+    upstream.release.set()
+    bodies = await asyncio.gather(*readers)
+    assert upstream.opens == 1
+    assert all(body == data for body in bodies)
+    assert (await cache.lookup(digest)) is not None
+    await cache.aclose()
+
+
+async def test_follower_receives_bytes_before_the_fill_completes(cache: BlobCache) -> None:
+    await cache.start()
+    data = os.urandom(4 * 1024 * 1024)
+    digest = digest_of(data)
+    upstream = ScriptedUpstream(data, chunk=512 * 1024)
+    upstream.stall_at = 2 * 1024 * 1024
+    upstream.release.clear()
+    fill, _ = cache.fill(digest, upstream.open)
+    await fill.opened()
+    for _ in range(200):
+        if fill.written >= 1024 * 1024:
+            break
+        await asyncio.sleep(0.01)
+    assert 0 < fill.written < len(data)
+    reader = fill.read(0, len(data))
+    first = await asyncio.wait_for(reader.__anext__(), timeout=5)
+    assert len(first) >= 1024 * 1024 and first == data[: len(first)]
+    upstream.release.set()
+    rest = b"".join([chunk async for chunk in reader])
+    assert first + rest == data
+    await cache.aclose()
+
+
+async def test_a_range_of_a_growing_blob_ends_only_after_verification(cache: BlobCache) -> None:
+    await cache.start()
+    data = os.urandom(2 * 1024 * 1024)
+    upstream = ScriptedUpstream(data)
+    fill, _ = cache.fill(digest_of(data), upstream.open)
+    body = await collect(fill, 1000, 5000)
+    assert body == data[1000:5000]
+    assert fill.blob is not None  # the last byte waited for the commit
+    await cache.aclose()
+
+
+async def test_upstream_sending_wrong_bytes_fails_every_reader_and_caches_nothing(cache: BlobCache) -> None:
+    await cache.start()
+    wanted = os.urandom(1024 * 1024)
+    digest = digest_of(wanted)
+    corrupt = bytearray(wanted)
+    corrupt[-1] ^= 0xFF
+    upstream = ScriptedUpstream(bytes(corrupt))
+    fills = [cache.fill(digest, upstream.open) for _ in range(3)]
+    received: list[bytes] = [b"", b"", b""]
+
+    async def read(i: int) -> None:
+        async for chunk in fills[i][0].read(0, len(wanted)):
+            received[i] += chunk
+
+    results = await asyncio.gather(*(read(i) for i in range(3)), return_exceptions=True)
+    assert all(isinstance(r, FillFailed) for r in results)
+    assert all(len(body) < len(wanted) for body in received)  # never the whole (wrong) body
+    assert (await cache.lookup(digest)) is None
+    assert list(cache.store.tmp_dir.iterdir()) == []
+    await cache.aclose()
+
+
+async def test_short_upstream_body_is_not_committed(cache: BlobCache) -> None:
+    await cache.start()
+    data = os.urandom(100_000)
+    upstream = ScriptedUpstream(data[:50_000], announce=len(data))
+    fill, _ = cache.fill(digest_of(data), upstream.open)
+    assert await fill.finished() is None
+    assert (await cache.lookup(digest_of(data))) is None
+    await cache.aclose()
+
+
+async def test_a_committed_blob_is_indexed_and_access_is_batched(cache: BlobCache) -> None:
+    await cache.start()
+    data = b"layer bytes"
+    digest = digest_of(data)
+    fill, _ = cache.fill(digest, ScriptedUpstream(data).open)
+    await fill.finished()
+    record = cache.index.get_blob(str(digest))
+    assert record is not None and record.size == len(data) and record.hits == 0
+    for _ in range(3):
+        assert await cache.lookup(digest) is not None
+    assert cache.index.get_blob(str(digest)).hits == 0  # no write per hit
+    await cache.flush_access()
+    assert cache.index.get_blob(str(digest)).hits == 3
+    await cache.aclose()
