@@ -15,6 +15,7 @@ from starlette.routing import Route
 
 from proxy import __version__
 from proxy.config import Settings
+from proxy.http.zerocopy import ZeroCopyMiddleware
 from proxy.migrate import prepare_database
 from proxy.sources.oci import OciMirror
 from proxy.store.blobs import BlobStore
@@ -62,3 +63,8 @@ def create_app(settings: Settings) -> Starlette:
     app.state.cache = cache
     app.state.oci = oci
     return app
+
+
+def create_server_app(settings: Settings) -> ZeroCopyMiddleware:
+    """The app as `serve` runs it: zero-copy must wrap Starlette's own middleware to see the server."""
+    return ZeroCopyMiddleware(create_app(settings))

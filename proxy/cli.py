@@ -60,12 +60,12 @@ def serve(config_file: str | None, cache_dir: str | None, database_url: str | No
     """Run the cache server."""
     import uvicorn
 
-    from proxy.app import create_app
+    from proxy.app import create_server_app
 
     settings = _settings(config_file, cache_dir=cache_dir, database_url=database_url, listen=listen)
     _configure_logging(settings.log_level)
     try:
-        app = create_app(settings)
+        app = create_server_app(settings)
     except OSError as exc:
         _fail(f"cannot use cache_dir {settings.cache_dir}: {exc.strerror}")
     uvicorn.run(

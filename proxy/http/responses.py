@@ -1,24 +1,24 @@
 """Streaming a blob to a client, from a committed file or from a fill still in progress.
 
-Reads happen in 4 MiB chunks in a worker thread: with Starlette's 64 KiB default a 1 GiB file
+A committed file goes out by sendfile(2) where the server offers zero-copy (see zerocopy.py),
+else in 4 MiB chunks read in a worker thread: with Starlette's 64 KiB default a 1 GiB file
 served 5x slower under uvicorn.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import AsyncIterator, Mapping
 from typing import Protocol
 
 import anyio
 from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from proxy.http.ranges import ByteRange, parse_range
+from proxy.http.zerocopy import EXTENSION as ZEROCOPY
 from proxy.store.blobs import BlobFile
 from proxy.store.fill import READ_CHUNK
-
-log = logging.getLogger(__name__)
 
 
 class ByteSource(Protocol):
@@ -45,6 +45,27 @@ class FileSource:
             os.close(fd)
 
 
+class FileRangeResponse(StreamingResponse):
+    """A byte range of a committed file: sendfile when the server offers zero-copy, else chunks."""
+
+    def __init__(self, source: FileSource, span: ByteRange, status_code: int, headers: Mapping[str, str]) -> None:
+        super().__init__(source.read(span.start, span.end), status_code=status_code, headers=headers)
+        self._source = source
+        self._span = span
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if ZEROCOPY not in scope.get("extensions", {}):
+            await super().__call__(scope, receive, send)
+            return
+        await self.body_iterator.aclose()  # type: ignore[attr-defined]
+        fd = await anyio.to_thread.run_sync(os.open, self._source.blob.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            await send({"type": ZEROCOPY, "file": fd, "offset": self._span.start, "count": self._span.length})
+        finally:
+            os.close(fd)
+
+
 def blob_response(
     source: ByteSource | None,
     size: int,
@@ -65,4 +86,6 @@ def blob_response(
     out["content-length"] = str(span.length)
     if method == "HEAD" or span.length == 0 or source is None:
         return Response(b"", status_code=status, headers=out)
+    if isinstance(source, FileSource):
+        return FileRangeResponse(source, span, status, out)
     return StreamingResponse(source.read(span.start, span.end), status_code=status, headers=out)
