@@ -57,6 +57,26 @@ class SmallObjectCache:
             self._bytes -= len(evicted.data)
 
 
+class ReferenceMemo:
+    """Recently used references in memory, so a pull by tag inside its TTL skips the index."""
+
+    def __init__(self, max_items: int = 100_000) -> None:
+        self._items: OrderedDict[tuple[str, str], Reference] = OrderedDict()
+        self._max_items = max_items
+
+    def get(self, source: str, key: str) -> Reference | None:
+        ref = self._items.get((source, key))
+        if ref is not None:
+            self._items.move_to_end((source, key))
+        return ref
+
+    def put(self, ref: Reference) -> None:
+        self._items[(ref.source, ref.key)] = ref
+        self._items.move_to_end((ref.source, ref.key))
+        if len(self._items) > self._max_items:
+            self._items.popitem(last=False)
+
+
 class AccessLog:
     """Last-access times and hit counts, gathered in memory and written in batches."""
 
@@ -81,6 +101,7 @@ class BlobCache:
         self.index = index
         self.filler = Filler(store, self._record_commit)
         self.small = SmallObjectCache(small_object_bytes)
+        self.references = ReferenceMemo()
         self.access = AccessLog()
         self._flusher: asyncio.Task[None] | None = None
 
@@ -144,10 +165,18 @@ class BlobCache:
 
     # -- references ----------------------------------------------------------------------------
     async def get_reference(self, source: str, key: str) -> Reference | None:
-        return await anyio.to_thread.run_sync(self.index.get_reference, source, key)
+        """The reference; a fresh one from memory, else from the index (another node may have renewed it)."""
+        ref = self.references.get(source, key)
+        if ref is not None and ref.is_fresh():
+            return ref
+        ref = await anyio.to_thread.run_sync(self.index.get_reference, source, key)
+        if ref is not None:
+            self.references.put(ref)
+        return ref
 
     async def put_reference(self, ref: Reference) -> None:
         await anyio.to_thread.run_sync(self.index.put_reference, ref)
+        self.references.put(ref)
 
     # -- access times ----------------------------------------------------------------------------
     async def flush_access(self) -> None:
