@@ -13,7 +13,7 @@ from sqlalchemy import Engine
 
 log = logging.getLogger(__name__)
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+MIGRATIONS_DIR = Path(__file__).parent / "_migrations"  # a link to the top-level migrations/ in a checkout
 
 
 class DatabaseNotReady(Exception):

@@ -80,6 +80,9 @@ class TokenCache:
     def lock(self, key: tuple[str, str | None, str]) -> asyncio.Lock:
         return self._locks.setdefault(key, asyncio.Lock())
 
+    def forget(self, key: tuple[str, str | None, str]) -> None:
+        self._tokens.pop(key, None)
+
     def put(self, key: tuple[str, str | None, str], value: str, expires_in: float) -> None:
         # Renew a little early so that a token never expires between check and use.
         lifetime = max(expires_in * 0.9 - 5, 1)
@@ -167,18 +170,19 @@ class RegistryClient:
     async def _send_authorized(
         self, method: str, url: str, headers: dict[str, str], params: dict[str, str] | None, scope: str, stream: bool
     ) -> httpx.Response:
-        auth = await self._authorization(scope)
+        auth, from_cache = await self._authorization(scope)
         response = await self._send(method, url, headers, params, auth, stream)
         if response.status_code != 401:
             return response
         challenge = parse_challenge(response.headers.get("www-authenticate", ""))
-        if challenge is None or (challenge == self._challenge and auth is not None):
-            return response  # we already answered this challenge; the credentials are not enough
+        if challenge is None or (challenge == self._challenge and auth is not None and not from_cache):
+            return response  # credentials fetched just now were refused: they are not enough
         await response.aclose()
+        if from_cache and self._challenge is not None:
+            # A cached token the upstream no longer takes (key rotation, revocation): fetch once more.
+            self._tokens.forget((self._challenge.realm, self._challenge.service, scope))
         self._challenge = challenge
-        auth = await self._authorization(scope)
-        if auth is None:
-            return await self._send(method, url, headers, params, None, stream)
+        auth, _ = await self._authorization(scope)
         return await self._send(method, url, headers, params, auth, stream)
 
     async def _send(
@@ -194,22 +198,23 @@ class RegistryClient:
             await response.aread()
         return response
 
-    async def _authorization(self, scope: str) -> str | None:
+    async def _authorization(self, scope: str) -> tuple[str | None, bool]:
+        """The Authorization header for this scope, and whether it is a token from the cache."""
         challenge = self._challenge
         if challenge is None:
-            return None
+            return None, False
         credentials = self.registry.credentials()
         if challenge.scheme == "basic":
-            return _basic_authorization(*credentials) if credentials else None
+            return (_basic_authorization(*credentials) if credentials else None), False
         key = (challenge.realm, challenge.service, scope)
         token = self._tokens.get(key)
         if token is not None:
-            return f"Bearer {token}"
+            return f"Bearer {token}", True
         async with self._tokens.lock(key):
             token = self._tokens.get(key)
             if token is None:
                 token = await self._fetch_token(challenge, scope, key)
-        return f"Bearer {token}" if token else None
+        return (f"Bearer {token}" if token else None), False
 
     async def _fetch_token(self, challenge: Challenge, scope: str, key: tuple[str, str | None, str]) -> str | None:
         params = {"scope": scope}

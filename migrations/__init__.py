@@ -1,0 +1,1 @@
+"""Alembic scripts of the index (the package proxy._migrations when installed)."""
