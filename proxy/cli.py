@@ -45,6 +45,12 @@ def _configure_logging(level: str) -> None:
     # httpx logs every URL at INFO, and CDN redirect URLs carry signed credentials.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
+    logging.getLogger("uvicorn.error").addFilter(_quiet_tls_probes)
+
+
+def _quiet_tls_probes(record: logging.LogRecord) -> bool:
+    """podman and skopeo try TLS first on an insecure mirror; uvicorn warns of each ClientHello."""
+    return record.getMessage() != "Invalid HTTP request received." or logging.getLogger().isEnabledFor(logging.DEBUG)
 
 
 @click.group()

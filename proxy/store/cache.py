@@ -149,18 +149,24 @@ class BlobCache:
         if data is None:
             return None
         record = self.index.get_blob(str(digest))
-        return SmallObject(digest, data, record.media_type if record else None)
+        if record is None or record.media_type is None:
+            return None  # written by another process that has not indexed it yet: fetch it again
+        return SmallObject(digest, data, record.media_type)
 
     async def put_small(self, data: bytes, digest: Digest, media_type: str | None) -> SmallObject:
-        """Store verified bytes (the caller checked the digest) with their media type."""
+        """Store verified bytes (the caller checked the digest) with their media type.
+
+        The object is in memory before its file appears, so a concurrent reader never finds the
+        file without the media type that goes with it.
+        """
+        item = SmallObject(digest, data, media_type)
+        self.small.put(item)
 
         def _write() -> None:
             self.store.put_bytes(data, digest)
             self.index.add_blob(str(digest), len(data), media_type)
 
         await anyio.to_thread.run_sync(_write)
-        item = SmallObject(digest, data, media_type)
-        self.small.put(item)
         return item
 
     # -- references ----------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import httpx
 
 from proxy.sources.oci.errors import ManifestInvalid, TooManyRequests, UpstreamUnavailable
 from proxy.sources.oci.names import Target
+from proxy.singleflight import SingleFlight
 from proxy.sources.oci.upstream import RegistryClient
 from proxy.store.cache import BlobCache, SmallObject
 from proxy.store.digest import Digest, InvalidDigest, UnsupportedDigest
@@ -55,11 +56,16 @@ def _media_type(response: httpx.Response, data: bytes) -> str | None:
     header = response.headers.get("content-type", "").split(";", 1)[0].strip()
     if header and header not in ("application/json", "application/octet-stream", "text/plain"):
         return header
+    return declared_media_type(data) or header or None
+
+
+def declared_media_type(data: bytes) -> str | None:
+    """The `mediaType` a manifest declares in its own JSON, if any."""
     try:
         declared = json.loads(data).get("mediaType")
     except (ValueError, AttributeError):
-        declared = None
-    return declared if isinstance(declared, str) else (header or None)
+        return None
+    return declared if isinstance(declared, str) else None
 
 
 class ManifestService:
@@ -68,6 +74,8 @@ class ManifestService:
     def __init__(self, cache: BlobCache, clients: dict[str, RegistryClient]) -> None:
         self._cache = cache
         self._clients = clients
+        # Concurrent cold pulls of one tag or digest cost one upstream round, not one per client.
+        self._flights: SingleFlight[SmallObject] = SingleFlight()
 
     async def get(self, target: Target, accept: list[str]) -> SmallObject:
         if target.digest is not None:
@@ -78,6 +86,9 @@ class ManifestService:
         item = await self._cache.get_small(digest)
         if item is not None:
             return item
+        return await self._flights.run(("digest", str(digest)), lambda: self._fetch_digest(target, digest, accept))
+
+    async def _fetch_digest(self, target: Target, digest: Digest, accept: list[str]) -> SmallObject:
         client = self._clients[target.registry.name]
         response = await client.get_manifest(target.repository, str(digest), _upstream_accept(accept))
         return await self._store_verified(response, digest)
@@ -88,7 +99,9 @@ class ManifestService:
         if cached is not None and ref is not None and ref.is_fresh():
             return cached
         try:
-            return await self._revalidate(target, accept)
+            return await self._flights.run(
+                ("tag", target.tag_key, tuple(accept)), lambda: self._revalidate(target, accept)
+            )
         except (UpstreamUnavailable, TooManyRequests) as exc:
             if cached is None:
                 raise
