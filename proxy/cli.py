@@ -46,6 +46,20 @@ def _configure_logging(level: str) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
     logging.getLogger("uvicorn.error").addFilter(_quiet_tls_probes)
+    logging.getLogger("uvicorn.error").addFilter(_condense_aborted_streams)
+
+
+def _condense_aborted_streams(record: logging.LogRecord) -> bool:
+    """A response cut short because its fill failed is expected: one line, not a traceback."""
+    from proxy.store.fill import FillFailed
+
+    error = record.exc_info[1] if record.exc_info else None
+    if isinstance(error, BaseExceptionGroup):
+        error = next(iter(error.subgroup(FillFailed).exceptions), None) if error.subgroup(FillFailed) else None
+    if isinstance(error, FillFailed):
+        record.msg, record.args, record.exc_info = "response cut short: %s", (error,), None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+    return True
 
 
 def _quiet_tls_probes(record: logging.LogRecord) -> bool:

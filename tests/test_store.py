@@ -144,14 +144,29 @@ async def test_follower_receives_bytes_before_the_fill_completes(cache: BlobCach
     await cache.aclose()
 
 
-async def test_a_range_of_a_growing_blob_ends_only_after_verification(cache: BlobCache) -> None:
+async def test_a_range_reaching_the_end_of_a_growing_blob_ends_only_after_verification(cache: BlobCache) -> None:
     await cache.start()
     data = os.urandom(2 * 1024 * 1024)
     upstream = ScriptedUpstream(data)
     fill, _ = cache.fill(digest_of(data), upstream.open)
-    body = await collect(fill, 1000, 5000)
-    assert body == data[1000:5000]
+    body = await collect(fill, len(data) - 5000, len(data))
+    assert body == data[-5000:]
     assert fill.blob is not None  # the last byte waited for the commit
+    await cache.aclose()
+
+
+async def test_a_range_inside_a_growing_blob_is_served_before_the_fill_ends(cache: BlobCache) -> None:
+    await cache.start()
+    data = os.urandom(4 * 1024 * 1024)
+    upstream = ScriptedUpstream(data, chunk=512 * 1024)
+    upstream.stall_at = 2 * 1024 * 1024
+    upstream.release.clear()
+    fill, _ = cache.fill(digest_of(data), upstream.open)
+    body = await asyncio.wait_for(collect(fill, 1000, 5000), timeout=5)
+    assert body == data[1000:5000]
+    assert fill.blob is None  # served while the upstream was still stalled
+    upstream.release.set()
+    await fill.finished()
     await cache.aclose()
 
 

@@ -1,9 +1,10 @@
 """Single-flight filling: one upstream stream per digest, every reader following the temp file.
 
 A fill runs as its own task, detached from the request that started it, so a client that hangs up
-does not cancel the download others are following. Readers never receive the last byte of their
-response before the whole blob has been verified: a mismatching upstream leaves every client
-with a truncated body (an error), never a complete wrong one.
+does not cancel the download others are following. A reader whose response reaches the end of the
+blob gets its last byte only once the whole blob has been verified: a mismatching upstream leaves
+such a client with a truncated body (an error), never a complete wrong one. A range that ends
+earlier is served as soon as its bytes are on disk, as it would be from the upstream.
 """
 
 from __future__ import annotations
@@ -125,15 +126,16 @@ class Fill:
         raise FillFailed(f"fill of {self.digest} failed: {self.error}")
 
     async def read(self, start: int, end: int) -> AsyncIterator[bytes]:
-        """Bytes [start, end) as they arrive; the final byte only once the blob is verified."""
-        await self.opened()
+        """Bytes [start, end) as they arrive; the blob's final byte only once the blob is verified."""
+        size = await self.opened()
+        hold_back = 1 if size is None or end >= size else 0
         fd = self._open_fd()
         try:
             pos = start
             while pos < end:
                 if self.state is FillState.FAILED:
                     raise FillFailed(f"fill of {self.digest} failed: {self.error}")
-                readable = end if self.state is FillState.COMMITTED else min(self.written, end - 1)
+                readable = end if self.state is FillState.COMMITTED else min(self.written, end - hold_back)
                 if readable > pos:
                     length = min(readable - pos, READ_CHUNK)
                     data = await anyio.to_thread.run_sync(os.pread, fd, length, pos)

@@ -1,0 +1,108 @@
+"""Shared fixtures: the real upstream registry with the test images, pullthrough servers, tool checks.
+
+Every process a fixture starts is stopped by that fixture; a session-end sweep stops anything a
+crashed test left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from tests.images import STANDARD_IMAGES, publish
+from tests.servers.ports import stop_all_processes
+from tests.servers.pullthrough import Pullthrough
+from tests.servers.registry import Distribution
+
+REQUIRE_REAL = os.environ.get("PULLTHROUGH_REQUIRE_REAL") == "1"
+
+#: tag_ttl of the default test registries: long enough that no test sees a tag expire.
+LONG_TAG_TTL = "1h"
+
+
+def require_tool(name: str) -> str:
+    """The path of executable `name`; skip the test without it, or fail under PULLTHROUGH_REQUIRE_REAL=1."""
+    path = shutil.which(name)
+    if path is None:
+        for directory in ("/usr/sbin", "/sbin", "/usr/local/sbin"):
+            candidate = Path(directory) / name
+            if candidate.exists() and os.access(candidate, os.X_OK):
+                return str(candidate)
+        message = f"{name} is not installed (tests/run.sh installs it)"
+        if REQUIRE_REAL:
+            pytest.fail(message + "; PULLTHROUGH_REQUIRE_REAL=1 makes a missing tool a failure", pytrace=False)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_leftover_processes():
+    yield
+    stop_all_processes()
+
+
+@pytest.fixture(scope="session")
+def upstream(tmp_path_factory) -> Distribution:
+    """A docker-registry holding STANDARD_IMAGES; `upstream.images` maps "name:tag" to ImageInfo.
+
+    Shared by the whole session: tests must not change its storage or stop it (start their own
+    Distribution for that).
+    """
+    require_tool("docker-registry")
+    require_tool("skopeo")
+    workdir = tmp_path_factory.mktemp("upstream")
+    registry = Distribution.start(workdir / "registry")
+    try:
+        registry.images = publish(STANDARD_IMAGES, workdir / "layouts", registry.host)
+    except BaseException:
+        registry.stop()
+        raise
+    yield registry
+    registry.stop()
+
+
+def default_registries(upstream: Distribution, tag_ttl: str = LONG_TAG_TTL) -> list[dict]:
+    """The upstream as "docker.io" (the default registry) and as "upstream.test" (for path prefixes)."""
+    return [
+        {"name": "docker.io", "url": upstream.url, "default": True, "tag_ttl": tag_ttl},
+        {"name": "upstream.test", "url": upstream.url, "tag_ttl": tag_ttl},
+    ]
+
+
+@pytest.fixture
+def pullthrough(request, tmp_path) -> Callable[..., Pullthrough]:
+    """Factory: `pullthrough(registries=None, *, cache_dir=None, **settings)` starts a server.
+
+    Without `registries` it serves the session `upstream` as docker.io (default) and upstream.test.
+    Each call gets a fresh cache dir under tmp_path unless `cache_dir` is given. All servers it
+    started are stopped after the test, and a failing test shows the tail of their logs.
+    """
+    started: list[Pullthrough] = []
+
+    def start(registries: list[dict] | None = None, *, cache_dir: Path | None = None, **settings) -> Pullthrough:
+        if registries is None:
+            registries = default_registries(request.getfixturevalue("upstream"))
+        cache_dir = cache_dir or tmp_path / f"cache{len(started)}"
+        try:
+            server = Pullthrough.start(cache_dir, registries, **settings)
+        except BaseException:
+            _print_log_tail(cache_dir.parent / f"{cache_dir.name}.run" / "pullthrough.log")
+            raise
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+        _print_log_tail(server.log_path)
+
+
+def _print_log_tail(path: Path, lines: int = 60) -> None:
+    if path.exists():
+        tail = path.read_text(errors="replace").splitlines()[-lines:]
+        print(f"--- {path} (last {len(tail)} lines) ---")
+        print("\n".join(tail))

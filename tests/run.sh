@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The test command (README): install what the integration tests need, then run pytest.
+# Arguments go to pytest (`bash tests/run.sh -k skopeo -x`). Safe to run again: installs only what is missing.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+export DEBIAN_FRONTEND=noninteractive
+packages=(docker-registry skopeo containerd podman docker.io nginx-light uidmap)
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo -n "$@"; else "$@"; fi
+}
+
+missing=()
+for package in "${packages[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'install ok installed'; then
+    missing+=("$package")
+  fi
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "tests/run.sh: installing ${missing[*]}" >&2
+  as_root apt-get update -qq >/dev/null
+  as_root apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+python -m pip install -q --disable-pip-version-check --root-user-action=ignore -e '.[test]'
+
+status=0
+python -m pytest -q "$@" || status=$?
+if [ "$status" -eq 5 ]; then
+  echo "tests/run.sh: pytest collected no tests; that is a failure" >&2
+  exit 1
+fi
+exit "$status"
