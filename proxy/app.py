@@ -18,11 +18,14 @@ from proxy.config import Settings
 from proxy.http.zerocopy import ZeroCopyMiddleware
 from proxy.migrate import prepare_database
 from proxy.sources.oci import OciMirror
+from proxy.sources.oci.upstream import BlobTransport
 from proxy.store.blobs import BlobStore
 from proxy.store.cache import BlobCache
 from proxy.store.index import Index, make_engine
 
 log = logging.getLogger(__name__)
+
+USER_AGENT = f"pullthrough/{__version__}"
 
 
 def upstream_http_client() -> httpx.AsyncClient:
@@ -30,7 +33,7 @@ def upstream_http_client() -> httpx.AsyncClient:
     return httpx.AsyncClient(
         timeout=httpx.Timeout(connect=10.0, read=60.0, write=60.0, pool=30.0),
         limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
-        headers={"User-Agent": f"pullthrough/{__version__}"},
+        headers={"User-Agent": USER_AGENT},
         trust_env=True,
     )
 
@@ -40,7 +43,8 @@ def create_app(settings: Settings) -> Starlette:
     engine = make_engine(settings.effective_database_url)
     cache = BlobCache(BlobStore(settings.cache_dir), Index(engine))
     http = upstream_http_client()
-    oci = OciMirror(settings, cache, http)
+    blob_transport = BlobTransport(user_agent=USER_AGENT)
+    oci = OciMirror(settings, cache, http, blob_transport)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
@@ -52,6 +56,7 @@ def create_app(settings: Settings) -> Starlette:
         finally:
             await cache.aclose()
             await http.aclose()
+            blob_transport.close()
             engine.dispose()
 
     async def healthz(_request: Request) -> JSONResponse:

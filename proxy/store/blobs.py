@@ -9,7 +9,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import queue
 import secrets
+import threading
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,16 +38,43 @@ class BlobFile:
     size: int
 
 
-class TempBlob:
-    """A file being filled: bytes appended and hashed as they arrive. Not thread-safe; one writer."""
+class _BackgroundHasher:
+    """sha256 in a thread of its own, so that hashing overlaps receiving and writing.
 
-    def __init__(self, path: Path) -> None:
+    hashlib releases the GIL on large buffers: on two cores this takes the hash off the
+    critical path of a fill. At most `depth` chunks wait, which bounds the memory it holds.
+    """
+
+    def __init__(self, depth: int = 8) -> None:
+        self._hash = hashlib.sha256()
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=depth)
+        self._thread = threading.Thread(target=self._run, name="sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (data := self._queue.get()) is not None:
+            self._hash.update(data)
+
+    def update(self, data: bytes) -> None:
+        self._queue.put(data)
+
+    def hexdigest(self) -> str:
+        self._queue.put(None)
+        self._thread.join()
+        return self._hash.hexdigest()
+
+
+class TempBlob:
+    """A file being filled: bytes appended and hashed as they arrive. One writer thread at a time."""
+
+    def __init__(self, path: Path, *, hash_in_background: bool = False) -> None:
         self.path = path
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        self._hash = hashlib.sha256()
+        self._hash: _BackgroundHasher | hashlib._Hash = _BackgroundHasher() if hash_in_background else hashlib.sha256()
+        self._hexdigest: str | None = None
         self.written = 0
 
-    def append(self, data: bytes | memoryview) -> None:
+    def append(self, data: bytes) -> None:
         """Blocking: call from a worker thread."""
         view = memoryview(data)
         while view:
@@ -55,7 +84,10 @@ class TempBlob:
         self.written += len(data)
 
     def hexdigest(self) -> str:
-        return self._hash.hexdigest()
+        """Blocking: the sha256 of everything appended (no more appends after this)."""
+        if self._hexdigest is None:
+            self._hexdigest = self._hash.hexdigest()
+        return self._hexdigest
 
     def close(self) -> None:
         try:
@@ -65,6 +97,8 @@ class TempBlob:
 
     def discard(self) -> None:
         self.close()
+        if isinstance(self._hash, _BackgroundHasher) and self._hexdigest is None:
+            self.hexdigest()  # let the hashing thread end
         try:
             self.path.unlink()
         except FileNotFoundError:
@@ -105,10 +139,19 @@ class BlobStore:
             return None
         return BlobFile(digest, path, size)
 
-    def new_temp(self) -> TempBlob:
+    def new_temp(self, *, hash_in_background: bool = False) -> TempBlob:
         """Blocking: a fresh temp file for a fill."""
         name = f"{self.node_id}.{os.getpid()}.{secrets.token_hex(8)}"
-        return TempBlob(self.tmp_dir / name)
+        return TempBlob(self.tmp_dir / name, hash_in_background=hash_in_background)
+
+    @staticmethod
+    def verify(temp: TempBlob, digest: Digest, expected_size: int | None) -> None:
+        """Blocking: raise unless the temp file holds exactly the bytes of the digest."""
+        if expected_size is not None and temp.written != expected_size:
+            raise SizeMismatch(f"{digest}: expected {expected_size} bytes, received {temp.written}")
+        actual = temp.hexdigest()
+        if actual != digest.hex:
+            raise DigestMismatch(f"{digest}: received bytes hash to sha256:{actual}")
 
     def commit(self, temp: TempBlob, digest: Digest, expected_size: int | None) -> BlobFile:
         """Blocking: verify, fsync and rename into place; raise on any mismatch.
@@ -116,11 +159,7 @@ class BlobStore:
         The temp file stays open either way: its owner closes it (or discards it on error) once no
         reader can still be handed its descriptor.
         """
-        if expected_size is not None and temp.written != expected_size:
-            raise SizeMismatch(f"{digest}: expected {expected_size} bytes, received {temp.written}")
-        actual = temp.hexdigest()
-        if actual != digest.hex:
-            raise DigestMismatch(f"{digest}: received bytes hash to sha256:{actual}")
+        self.verify(temp, digest, expected_size)
         os.fsync(temp.fd)
         final = self.path_for(digest)
         final.parent.mkdir(parents=True, exist_ok=True)

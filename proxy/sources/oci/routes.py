@@ -15,7 +15,7 @@ from proxy.sources.oci.blobs import BlobService
 from proxy.sources.oci.errors import API_VERSION_HEADER, OciError, Unsupported
 from proxy.sources.oci.manifests import ManifestService, parse_accept
 from proxy.sources.oci.names import Kind, Router, Target
-from proxy.sources.oci.upstream import RegistryClient
+from proxy.sources.oci.upstream import BlobTransport, RegistryClient
 from proxy.store.cache import BlobCache
 
 log = logging.getLogger(__name__)
@@ -26,9 +26,9 @@ ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 class OciMirror:
     """A registry mirror over every configured upstream registry."""
 
-    def __init__(self, settings: Settings, cache: BlobCache, http: httpx.AsyncClient) -> None:
+    def __init__(self, settings: Settings, cache: BlobCache, http: httpx.AsyncClient, blobs: BlobTransport) -> None:
         self.router = Router(settings.registries)
-        self.clients = {r.name: RegistryClient(r, http) for r in settings.registries}
+        self.clients = {r.name: RegistryClient(r, http, blobs) for r in settings.registries}
         self.manifests = ManifestService(cache, self.clients)
         self.blobs = BlobService(cache, self.clients)
 

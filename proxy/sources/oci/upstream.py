@@ -12,11 +12,14 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
+import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
+import anyio
 import httpx
+import urllib3
 
 from proxy.config import RegistryConfig
 from proxy.sources.oci.errors import (
@@ -36,6 +39,7 @@ log = logging.getLogger(__name__)
 RETRIES = 2
 RETRY_BACKOFF = (0.2, 1.0)
 RETRY_STATUSES = {502, 503, 504}
+BLOB_TIMEOUT = urllib3.Timeout(connect=10.0, read=60.0)
 _CHALLENGE_PARAM = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
 
 
@@ -89,28 +93,88 @@ class TokenCache:
         self._tokens[key] = _Token(value, time.monotonic() + lifetime)
 
 
-class BlobStream:
-    """An open upstream blob response (satisfies the store's UpstreamBody)."""
+class BlobDownload:
+    """An open upstream blob response, read by the store in a worker thread (its UpstreamBody)."""
 
-    def __init__(self, response: httpx.Response) -> None:
+    def __init__(self, response: urllib3.BaseHTTPResponse) -> None:
         self._response = response
         length = response.headers.get("content-length")
         self.size: int | None = int(length) if length and length.isdigit() else None
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        async for chunk in self._response.aiter_raw():
-            yield chunk
+    def read_some(self, limit: int) -> bytes:
+        try:
+            return self._response.read1(limit, decode_content=False)
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise UpstreamUnavailable(f"upstream transfer broke off: {type(exc).__name__}") from None
 
-    async def aclose(self) -> None:
-        await self._response.aclose()
+    def abort(self) -> None:
+        self._response.shutdown()
+
+    def close(self) -> None:
+        self._response.release_conn()
+
+
+class BlobTransport:
+    """Blocking GETs of blob bodies with urllib3, redirects followed by hand.
+
+    The token flow and every small request stay on httpx; only the bytes of blobs come this way,
+    because reading them in a thread is 3-4x faster than an async stream (see the README).
+    """
+
+    MAX_REDIRECTS = 5
+
+    def __init__(self, user_agent: str) -> None:
+        self._user_agent = user_agent
+        self._direct = urllib3.PoolManager(num_pools=64, maxsize=16, retries=False)
+        self._proxies: dict[str, urllib3.ProxyManager] = {}
+
+    def get(self, url: str, authorization: str | None) -> urllib3.BaseHTTPResponse:
+        """Blocking: the response of the first non-redirect hop, body unread."""
+        headers = {"User-Agent": self._user_agent, "Accept-Encoding": "identity"}
+        if authorization is not None:
+            headers["Authorization"] = authorization
+        for _ in range(self.MAX_REDIRECTS + 1):
+            response = self._pool_for(url).urlopen(
+                "GET", url, headers=headers, redirect=False, preload_content=False, timeout=BLOB_TIMEOUT
+            )
+            location = response.get_redirect_location()
+            if not location:
+                return response
+            response.drain_conn()
+            response.release_conn()
+            target = urljoin(url, location)
+            if _origin(target) != _origin(url):
+                headers.pop("Authorization", None)  # a CDN gets no registry credentials
+            url = target
+        raise UpstreamUnavailable("upstream redirected too many times")
+
+    def _pool_for(self, url: str) -> urllib3.PoolManager:
+        parts = urlsplit(url)
+        proxy = urllib.request.getproxies().get(parts.scheme)
+        if not proxy or urllib.request.proxy_bypass(parts.hostname or ""):
+            return self._direct
+        if proxy not in self._proxies:
+            self._proxies[proxy] = urllib3.ProxyManager(proxy, num_pools=64, maxsize=16, retries=False)
+        return self._proxies[proxy]
+
+    def close(self) -> None:
+        self._direct.clear()
+        for pool in self._proxies.values():
+            pool.clear()
+
+
+def _origin(url: str) -> tuple[str, str | None, int | None]:
+    parts = urlsplit(url)
+    return parts.scheme, parts.hostname, parts.port
 
 
 class RegistryClient:
     """Requests to one upstream registry on behalf of the mirror."""
 
-    def __init__(self, registry: RegistryConfig, http: httpx.AsyncClient) -> None:
+    def __init__(self, registry: RegistryConfig, http: httpx.AsyncClient, blobs: BlobTransport) -> None:
         self.registry = registry
         self._http = http
+        self._blobs = blobs
         self._tokens = TokenCache()
         self._challenge: Challenge | None = None
         self.ratelimit_remaining: str | None = None
@@ -125,9 +189,35 @@ class RegistryClient:
     async def head_blob(self, repository: str, digest: str) -> httpx.Response:
         return await self._request("HEAD", repository, f"blobs/{digest}", missing=BlobUnknown)
 
-    async def open_blob(self, repository: str, digest: str) -> BlobStream:
-        response = await self._request("GET", repository, f"blobs/{digest}", missing=BlobUnknown, stream=True)
-        return BlobStream(response)
+    async def open_blob(self, repository: str, digest: str) -> BlobDownload:
+        """The blob's body, open: the same auth, retries and errors as every other request."""
+        url = f"{self.registry.base_url}/v2/{repository}/blobs/{digest}"
+        scope = f"repository:{repository}:pull"
+        refreshed = False
+        for attempt in range(RETRIES + 1):
+            auth, from_cache = await self._authorization(scope)
+            try:
+                response = await anyio.to_thread.run_sync(self._blobs.get, url, auth)
+            except (urllib3.exceptions.HTTPError, OSError) as exc:
+                if attempt < RETRIES:
+                    await asyncio.sleep(RETRY_BACKOFF[min(attempt, len(RETRY_BACKOFF) - 1)])
+                    continue
+                raise UpstreamUnavailable(f"{self.registry.name} unreachable: {type(exc).__name__}") from None
+            self._note_ratelimit(response.headers)
+            if 200 <= response.status < 300:
+                return BlobDownload(response)
+            content = await anyio.to_thread.run_sync(_small_body, response)
+            if response.status == 401 and not refreshed:
+                challenge = parse_challenge(response.headers.get("www-authenticate", ""))
+                if challenge is not None and (challenge != self._challenge or auth is None or from_cache):
+                    self._learn_challenge(challenge, scope, from_cache)
+                    refreshed = True
+                    continue
+            if response.status in RETRY_STATUSES and attempt < RETRIES:
+                await asyncio.sleep(RETRY_BACKOFF[min(attempt, len(RETRY_BACKOFF) - 1)])
+                continue
+            raise self._error_from(response.status, content, BlobUnknown)
+        raise UpstreamUnavailable(f"{self.registry.name} kept failing")
 
     async def get_tags(self, repository: str, params: dict[str, str]) -> httpx.Response:
         return await self._request("GET", repository, "tags/list", params=params, missing=ManifestUnknown)
@@ -142,61 +232,56 @@ class RegistryClient:
         missing: type[OciError],
         accept: list[str] | None = None,
         params: dict[str, str] | None = None,
-        stream: bool = False,
     ) -> httpx.Response:
         url = f"{self.registry.base_url}/v2/{repository}/{path}"
         scope = f"repository:{repository}:pull"
         headers = {"Accept": ", ".join(accept)} if accept else {}
         for attempt in range(RETRIES + 1):
             try:
-                response = await self._send_authorized(method, url, headers, params, scope, stream)
+                response = await self._send_authorized(method, url, headers, params, scope)
             except httpx.TransportError as exc:
                 if attempt < RETRIES:
                     await asyncio.sleep(RETRY_BACKOFF[min(attempt, len(RETRY_BACKOFF) - 1)])
                     continue
                 raise UpstreamUnavailable(f"{self.registry.name} unreachable: {type(exc).__name__}") from None
-            self._note_ratelimit(response)
+            self._note_ratelimit(response.headers)
             if response.status_code in RETRY_STATUSES and attempt < RETRIES:
-                await response.aclose()
                 await asyncio.sleep(RETRY_BACKOFF[min(attempt, len(RETRY_BACKOFF) - 1)])
                 continue
             if response.is_success:
                 return response
-            error = await self._error_from(response, missing)
-            await response.aclose()
-            raise error
+            raise self._error_from(response.status_code, b"" if method == "HEAD" else response.content, missing)
         raise AssertionError("unreachable")
 
     async def _send_authorized(
-        self, method: str, url: str, headers: dict[str, str], params: dict[str, str] | None, scope: str, stream: bool
+        self, method: str, url: str, headers: dict[str, str], params: dict[str, str] | None, scope: str
     ) -> httpx.Response:
         auth, from_cache = await self._authorization(scope)
-        response = await self._send(method, url, headers, params, auth, stream)
+        response = await self._send(method, url, headers, params, auth)
         if response.status_code != 401:
             return response
         challenge = parse_challenge(response.headers.get("www-authenticate", ""))
         if challenge is None or (challenge == self._challenge and auth is not None and not from_cache):
             return response  # credentials fetched just now were refused: they are not enough
-        await response.aclose()
-        if from_cache and self._challenge is not None:
-            # A cached token the upstream no longer takes (key rotation, revocation): fetch once more.
-            self._tokens.forget((self._challenge.realm, self._challenge.service, scope))
-        self._challenge = challenge
+        self._learn_challenge(challenge, scope, from_cache)
         auth, _ = await self._authorization(scope)
-        return await self._send(method, url, headers, params, auth, stream)
+        return await self._send(method, url, headers, params, auth)
 
     async def _send(
-        self, method: str, url: str, headers: dict[str, str], params: dict[str, str] | None, auth: str | None, stream: bool
+        self, method: str, url: str, headers: dict[str, str], params: dict[str, str] | None, auth: str | None
     ) -> httpx.Response:
         request_headers = dict(headers)
         if auth is not None:
             request_headers["Authorization"] = auth
         request = self._http.build_request(method, url, headers=request_headers, params=params)
         # httpx drops Authorization when a redirect leaves the origin (a CDN), as it must.
-        response = await self._http.send(request, stream=True, follow_redirects=True)
-        if not stream or not response.is_success:
-            await response.aread()
-        return response
+        return await self._http.send(request, follow_redirects=True)
+
+    def _learn_challenge(self, challenge: Challenge, scope: str, token_was_cached: bool) -> None:
+        if token_was_cached and self._challenge is not None:
+            # A cached token the upstream no longer takes (key rotation, revocation): fetch once more.
+            self._tokens.forget((self._challenge.realm, self._challenge.service, scope))
+        self._challenge = challenge
 
     async def _authorization(self, scope: str) -> tuple[str | None, bool]:
         """The Authorization header for this scope, and whether it is a token from the cache."""
@@ -249,15 +334,14 @@ class RegistryClient:
             return False
         return realm_parts.hostname == registry_host or realm_parts.hostname in self.registry.auth_realm_hosts
 
-    def _note_ratelimit(self, response: httpx.Response) -> None:
-        remaining = response.headers.get("ratelimit-remaining")
+    def _note_ratelimit(self, headers: Mapping[str, str]) -> None:
+        remaining = headers.get("ratelimit-remaining")
         if remaining is not None:
             self.ratelimit_remaining = remaining
 
-    async def _error_from(self, response: httpx.Response, missing: type[OciError]) -> OciError:
+    def _error_from(self, status: int, content: bytes, missing: type[OciError]) -> OciError:
         """The upstream's own OCI error when it sent one, else one from its status."""
-        status = response.status_code
-        code, message, detail = _oci_error_body(response)
+        code, message, detail = _oci_error_body(content)
         if status == 404:
             cls = BY_CODE.get(code or "", missing)
             return cls(message or f"not found upstream at {self.registry.name}", detail=detail)
@@ -276,11 +360,21 @@ def _basic_authorization(username: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
 
 
-def _oci_error_body(response: httpx.Response) -> tuple[str | None, str | None, object]:
-    if response.request.method == "HEAD" or not response.content:
+def _small_body(response: urllib3.BaseHTTPResponse) -> bytes:
+    """Blocking: an error response's body, at most 64 KiB of it, and the connection released."""
+    try:
+        return response.read(64 * 1024, decode_content=True)
+    except (urllib3.exceptions.HTTPError, OSError):
+        return b""
+    finally:
+        response.release_conn()
+
+
+def _oci_error_body(content: bytes) -> tuple[str | None, str | None, object]:
+    if not content:
         return None, None, None
     try:
-        errors = json.loads(response.content).get("errors") or []
+        errors = json.loads(content).get("errors") or []
         first = errors[0]
         return str(first.get("code")), str(first.get("message", ""))[:500], first.get("detail")
     except (ValueError, AttributeError, IndexError, TypeError):
