@@ -18,7 +18,7 @@ from proxy.config import Settings
 from proxy.http.zerocopy import ZeroCopyMiddleware
 from proxy.migrate import prepare_database
 from proxy.sources.oci import OciMirror
-from proxy.sources.oci.upstream import BlobTransport
+from proxy.http.download import BlobTransport
 from proxy.store.blobs import BlobStore
 from proxy.store.cache import BlobCache
 from proxy.store.index import Index, make_engine

@@ -12,16 +12,15 @@ import json
 import logging
 import re
 import time
-import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urlsplit
 
 import anyio
 import httpx
-import urllib3
 
 from proxy.config import RegistryConfig
+from proxy.http.download import BlobDownload, BlobTransport, TransferFailed, small_body
 from proxy.sources.oci.errors import (
     BY_CODE,
     BlobUnknown,
@@ -39,7 +38,7 @@ log = logging.getLogger(__name__)
 RETRIES = 2
 RETRY_BACKOFF = (0.2, 1.0)
 RETRY_STATUSES = {502, 503, 504}
-BLOB_TIMEOUT = urllib3.Timeout(connect=10.0, read=60.0)
+
 _CHALLENGE_PARAM = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
 
 
@@ -93,81 +92,6 @@ class TokenCache:
         self._tokens[key] = _Token(value, time.monotonic() + lifetime)
 
 
-class BlobDownload:
-    """An open upstream blob response, read by the store in a worker thread (its UpstreamBody)."""
-
-    def __init__(self, response: urllib3.BaseHTTPResponse) -> None:
-        self._response = response
-        length = response.headers.get("content-length")
-        self.size: int | None = int(length) if length and length.isdigit() else None
-
-    def read_some(self, limit: int) -> bytes:
-        try:
-            return self._response.read1(limit, decode_content=False)
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise UpstreamUnavailable(f"upstream transfer broke off: {type(exc).__name__}") from None
-
-    def abort(self) -> None:
-        self._response.shutdown()
-
-    def close(self) -> None:
-        self._response.release_conn()
-
-
-class BlobTransport:
-    """Blocking GETs of blob bodies with urllib3, redirects followed by hand.
-
-    The token flow and every small request stay on httpx; only the bytes of blobs come this way,
-    because reading them in a thread is 3-4x faster than an async stream (see the README).
-    """
-
-    MAX_REDIRECTS = 5
-
-    def __init__(self, user_agent: str) -> None:
-        self._user_agent = user_agent
-        self._direct = urllib3.PoolManager(num_pools=64, maxsize=16, retries=False)
-        self._proxies: dict[str, urllib3.ProxyManager] = {}
-
-    def get(self, url: str, authorization: str | None) -> urllib3.BaseHTTPResponse:
-        """Blocking: the response of the first non-redirect hop, body unread."""
-        headers = {"User-Agent": self._user_agent, "Accept-Encoding": "identity"}
-        if authorization is not None:
-            headers["Authorization"] = authorization
-        for _ in range(self.MAX_REDIRECTS + 1):
-            response = self._pool_for(url).urlopen(
-                "GET", url, headers=headers, redirect=False, preload_content=False, timeout=BLOB_TIMEOUT
-            )
-            location = response.get_redirect_location()
-            if not location:
-                return response
-            response.drain_conn()
-            response.release_conn()
-            target = urljoin(url, location)
-            if _origin(target) != _origin(url):
-                headers.pop("Authorization", None)  # a CDN gets no registry credentials
-            url = target
-        raise UpstreamUnavailable("upstream redirected too many times")
-
-    def _pool_for(self, url: str) -> urllib3.PoolManager:
-        parts = urlsplit(url)
-        proxy = urllib.request.getproxies().get(parts.scheme)
-        if not proxy or urllib.request.proxy_bypass(parts.hostname or ""):
-            return self._direct
-        if proxy not in self._proxies:
-            self._proxies[proxy] = urllib3.ProxyManager(proxy, num_pools=64, maxsize=16, retries=False)
-        return self._proxies[proxy]
-
-    def close(self) -> None:
-        self._direct.clear()
-        for pool in self._proxies.values():
-            pool.clear()
-
-
-def _origin(url: str) -> tuple[str, str | None, int | None]:
-    parts = urlsplit(url)
-    return parts.scheme, parts.hostname, parts.port
-
-
 class RegistryClient:
     """Requests to one upstream registry on behalf of the mirror."""
 
@@ -198,15 +122,15 @@ class RegistryClient:
             auth, from_cache = await self._authorization(scope)
             try:
                 response = await anyio.to_thread.run_sync(self._blobs.get, url, auth)
-            except (urllib3.exceptions.HTTPError, OSError) as exc:
+            except TransferFailed as exc:
                 if attempt < RETRIES:
                     await asyncio.sleep(RETRY_BACKOFF[min(attempt, len(RETRY_BACKOFF) - 1)])
                     continue
-                raise UpstreamUnavailable(f"{self.registry.name} unreachable: {type(exc).__name__}") from None
+                raise UpstreamUnavailable(f"{self.registry.name} unreachable: {exc}") from None
             self._note_ratelimit(response.headers)
             if 200 <= response.status < 300:
                 return BlobDownload(response)
-            content = await anyio.to_thread.run_sync(_small_body, response)
+            content = await anyio.to_thread.run_sync(small_body, response)
             if response.status == 401 and not refreshed:
                 challenge = parse_challenge(response.headers.get("www-authenticate", ""))
                 if challenge is not None and (challenge != self._challenge or auth is None or from_cache):
@@ -358,16 +282,6 @@ class RegistryClient:
 
 def _basic_authorization(username: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
-
-
-def _small_body(response: urllib3.BaseHTTPResponse) -> bytes:
-    """Blocking: an error response's body, at most 64 KiB of it, and the connection released."""
-    try:
-        return response.read(64 * 1024, decode_content=True)
-    except (urllib3.exceptions.HTTPError, OSError):
-        return b""
-    finally:
-        response.release_conn()
 
 
 def _oci_error_body(content: bytes) -> tuple[str | None, str | None, object]:

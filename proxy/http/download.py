@@ -1,0 +1,108 @@
+"""Blob bodies from any upstream: blocking GETs with urllib3, read by the store in a worker thread.
+
+Redirects are followed by hand so that credentials never reach another origin (a CDN).
+"""
+
+from __future__ import annotations
+
+import urllib.request
+from urllib.parse import urljoin, urlsplit
+
+import urllib3
+
+TIMEOUT = urllib3.Timeout(connect=10.0, read=60.0)
+
+
+class TransferFailed(Exception):
+    """The upstream could not be reached, or the transfer broke off."""
+
+
+class BlobDownload:
+    """An open upstream blob response, read by the store in a worker thread (its UpstreamBody)."""
+
+    def __init__(self, response: urllib3.BaseHTTPResponse) -> None:
+        self._response = response
+        length = response.headers.get("content-length")
+        self.size: int | None = int(length) if length and length.isdigit() else None
+
+    def read_some(self, limit: int) -> bytes:
+        try:
+            return self._response.read1(limit, decode_content=False)
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise TransferFailed(f"upstream transfer broke off: {type(exc).__name__}") from None
+
+    def abort(self) -> None:
+        self._response.shutdown()
+
+    def close(self) -> None:
+        self._response.release_conn()
+
+
+class BlobTransport:
+    """Blocking GETs of blob bodies with urllib3, redirects followed by hand.
+
+    Metadata and every small request stay on httpx; only the bytes of blobs come this way, because
+    reading them in a thread is 3-4x faster than an async stream (see the README).
+    """
+
+    MAX_REDIRECTS = 5
+
+    def __init__(self, user_agent: str) -> None:
+        self._user_agent = user_agent
+        self._direct = urllib3.PoolManager(num_pools=64, maxsize=16, retries=False)
+        self._proxies: dict[str, urllib3.ProxyManager] = {}
+
+    def get(self, url: str, authorization: str | None) -> urllib3.BaseHTTPResponse:
+        """Blocking: the response of the first non-redirect hop, body unread; TransferFailed if none."""
+        try:
+            return self._get(url, authorization)
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise TransferFailed(f"{type(exc).__name__}") from None
+
+    def _get(self, url: str, authorization: str | None) -> urllib3.BaseHTTPResponse:
+        headers = {"User-Agent": self._user_agent, "Accept-Encoding": "identity"}
+        if authorization is not None:
+            headers["Authorization"] = authorization
+        for _ in range(self.MAX_REDIRECTS + 1):
+            response = self._pool_for(url).urlopen(
+                "GET", url, headers=headers, redirect=False, preload_content=False, timeout=TIMEOUT
+            )
+            location = response.get_redirect_location()
+            if not location:
+                return response
+            response.drain_conn()
+            response.release_conn()
+            target = urljoin(url, location)
+            if _origin(target) != _origin(url):
+                headers.pop("Authorization", None)  # a CDN gets no registry credentials
+            url = target
+        raise TransferFailed("upstream redirected too many times")
+
+    def _pool_for(self, url: str) -> urllib3.PoolManager:
+        parts = urlsplit(url)
+        proxy = urllib.request.getproxies().get(parts.scheme)
+        if not proxy or urllib.request.proxy_bypass(parts.hostname or ""):
+            return self._direct
+        if proxy not in self._proxies:
+            self._proxies[proxy] = urllib3.ProxyManager(proxy, num_pools=64, maxsize=16, retries=False)
+        return self._proxies[proxy]
+
+    def close(self) -> None:
+        self._direct.clear()
+        for pool in self._proxies.values():
+            pool.clear()
+
+
+def _origin(url: str) -> tuple[str, str | None, int | None]:
+    parts = urlsplit(url)
+    return parts.scheme, parts.hostname, parts.port
+
+
+def small_body(response: urllib3.BaseHTTPResponse, limit: int = 64 * 1024) -> bytes:
+    """Blocking: an error response's body, at most `limit` bytes of it, and the connection released."""
+    try:
+        return response.read(limit, decode_content=True)
+    except (urllib3.exceptions.HTTPError, OSError):
+        return b""
+    finally:
+        response.release_conn()
