@@ -17,6 +17,7 @@ from proxy import __version__
 from proxy.config import Settings
 from proxy.http.zerocopy import ZeroCopyMiddleware
 from proxy.migrate import prepare_database
+from proxy.sources.hf import HfMirror
 from proxy.sources.oci import OciMirror
 from proxy.http.download import BlobTransport
 from proxy.store.blobs import BlobStore
@@ -45,6 +46,7 @@ def create_app(settings: Settings) -> Starlette:
     http = upstream_http_client()
     blob_transport = BlobTransport(user_agent=USER_AGENT)
     oci = OciMirror(settings, cache, http, blob_transport)
+    hf = HfMirror(settings.hf, cache, http, blob_transport)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
@@ -62,7 +64,8 @@ def create_app(settings: Settings) -> Starlette:
     async def healthz(_request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok", "version": __version__})
 
-    routes = [Route("/healthz", healthz, methods=["GET", "HEAD"]), *oci.routes()]
+    # The Hub's routes live at the root (HF_ENDPOINT is a host), so they come last.
+    routes = [Route("/healthz", healthz, methods=["GET", "HEAD"]), *oci.routes(), *hf.routes()]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.settings = settings
     app.state.cache = cache

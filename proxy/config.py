@@ -92,6 +92,30 @@ def _default_registries() -> list[RegistryConfig]:
     ]
 
 
+class HfConfig(BaseModel):
+    """The Hugging Face Hub mirror."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str = "https://huggingface.co"
+    revision_ttl: Duration = 300.0  # how long a branch or tag -> commit answer is trusted
+    access_ttl: Duration = 60.0  # how long a caller's token is trusted for a gated or private repo
+    token_env: str | None = None  # a service token for public repos' metadata, read from this variable
+
+    @model_validator(mode="after")
+    def _check(self) -> HfConfig:
+        if not re.match(r"^https?://[^/\s]+/?$", self.url):
+            raise ValueError(f"hf url {self.url!r} must be http(s)://host[:port]")
+        return self
+
+    @property
+    def base_url(self) -> str:
+        return self.url.rstrip("/")
+
+    def service_token(self) -> str | None:
+        return os.environ.get(self.token_env) or None if self.token_env else None
+
+
 class Settings(BaseSettings):
     """Everything pullthrough reads from its configuration, validated."""
 
@@ -104,6 +128,7 @@ class Settings(BaseSettings):
     log_level: str = "info"
     access_log: bool = False
     registries: list[RegistryConfig] = Field(default_factory=_default_registries)
+    hf: HfConfig = Field(default_factory=HfConfig)
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

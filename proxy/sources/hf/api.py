@@ -1,0 +1,157 @@
+"""The Hub's JSON API through the mirror: repo info, tree, paths-info, refs, auth-check.
+
+Answers at a commit never change and are kept until purged; answers for a branch or tag are kept
+for `revision_ttl` and served stale while the Hub is away. Xet fields are removed (so the client
+fetches bytes through the mirror, not from the Xet CAS) and pagination links point back at the
+mirror.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import time
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from proxy.config import HfConfig
+from proxy.sources.hf.access import AccessGuard
+from proxy.sources.hf.errors import HubUnavailable, UpstreamHfError
+from proxy.sources.hf.files import FOREVER, REVISIONS
+from proxy.sources.hf.names import Repo, is_commit, quote_path, quote_revision
+from proxy.sources.hf.upstream import HubClient
+from proxy.store.cache import BlobCache
+from proxy.store.digest import Digest
+from proxy.store.index import Reference
+
+log = logging.getLogger(__name__)
+
+SOURCE = "hf-api"
+_LINK_PART = re.compile(r"<([^>]*)>\s*((?:;\s*[^,;]+)*)")
+
+
+def strip_xet(value: Any) -> Any:
+    """The JSON without Xet fields (xetHash, xetEnabled, …), at any depth."""
+    if isinstance(value, dict):
+        return {k: strip_xet(v) for k, v in value.items() if not k.lower().startswith("xet")}
+    if isinstance(value, list):
+        return [strip_xet(v) for v in value]
+    return value
+
+
+def mirror_links(header: str, upstream_base: str) -> str:
+    """A Link header with upstream URLs made mirror-relative ("/api/…") and xet relations dropped."""
+    kept = []
+    for match in _LINK_PART.finditer(header):
+        url, params = match.group(1), match.group(2)
+        if "xet" in params.lower():
+            continue
+        if url.startswith(upstream_base):
+            url = url[len(upstream_base):]
+        kept.append(f"<{url}>{params}")
+    return ", ".join(kept)
+
+
+def absolute_links(header: str, base_url: str) -> str:
+    """Mirror-relative Link URLs made absolute for this caller (the client follows them as given)."""
+    return re.sub(r"<(/[^>]*)>", lambda m: f"<{base_url.rstrip('/')}{m.group(1)}>", header)
+
+
+class ApiService:
+    def __init__(self, config: HfConfig, client: HubClient, cache: BlobCache, access: AccessGuard) -> None:
+        self._config = config
+        self._client = client
+        self._cache = cache
+        self._access = access
+
+    async def auth_check(self, repo: Repo, token: str | None) -> Response:
+        response = await self._client.api("GET", f"/api/{repo.api_kind}/{repo.id}/auth-check", token=token)
+        if not response.is_success:
+            raise UpstreamHfError.from_response(response)
+        return Response(response.content, media_type=response.headers.get("content-type", "application/json"))
+
+    async def answer(self, repo: Repo, path: str, revision: str | None, request: Request, token: str | None) -> Response:
+        """Any cacheable API call: `path` is the upstream path after the host."""
+        await self._access.check(repo, token)
+        body = await request.body() if request.method == "POST" else b""
+        key = _cache_key(request.method, path, request.query_params.multi_items(), body)
+        immutable = revision is not None and is_commit(revision)
+        ref = await self._cache.get_reference(SOURCE, key)
+        if ref is not None and (immutable or ref.is_fresh()):
+            cached = await self._cached(ref, request)
+            if cached is not None:
+                return cached
+        try:
+            response = await self._client.api(
+                request.method,
+                path,
+                token=token or self._config.service_token(),
+                params=request.query_params.multi_items(),
+                content=body or None,
+                content_type=request.headers.get("content-type") if body else None,
+            )
+        except HubUnavailable:
+            stale = await self._cached(ref, request) if ref is not None else None
+            if stale is None:
+                raise
+            log.warning("the Hub is unreachable: serving %s from the cache", path)
+            return stale
+        if response.status_code != 200:
+            raise UpstreamHfError.from_response(response)
+        data, content_type = response.content, response.headers.get("content-type", "application/json")
+        if content_type.startswith("application/json"):
+            parsed = strip_xet(json.loads(data))
+            data = json.dumps(parsed, separators=(",", ":")).encode()
+            await self._note_commit(repo, revision, parsed)
+        link = mirror_links(response.headers.get("link", ""), self._client.base_url)
+        digest = Digest.from_hex(hashlib.sha256(data).hexdigest())
+        await self._cache.put_small(data, digest, content_type)
+        now = time.time()
+        await self._cache.put_reference(
+            Reference(
+                SOURCE, key, str(digest), now, FOREVER if immutable else now + self._config.revision_ttl,
+                meta={"content_type": content_type, "link": link},
+            )
+        )
+        return _json_response(data, content_type, link, request)
+
+    async def _cached(self, ref: Reference, request: Request) -> Response | None:
+        item = await self._cache.get_small(Digest.parse(ref.digest))
+        if item is None:
+            return None
+        return _json_response(item.data, str(ref.meta.get("content_type") or "application/json"), str(ref.meta.get("link") or ""), request)
+
+    async def _note_commit(self, repo: Repo, revision: str | None, parsed: Any) -> None:
+        """Repo info names the commit of a branch: remember it for resolve too."""
+        if revision is None or is_commit(revision) or not isinstance(parsed, dict):
+            return
+        sha = parsed.get("sha")
+        if isinstance(sha, str) and is_commit(sha):
+            now = time.time()
+            await self._cache.put_reference(Reference(REVISIONS, f"{repo.key}@{revision}", sha, now, now + self._config.revision_ttl))
+
+
+def repo_info_path(repo: Repo, revision: str | None) -> str:
+    path = f"/api/{repo.api_kind}/{repo.id}"
+    return f"{path}/revision/{quote_revision(revision)}" if revision is not None else path
+
+
+def tree_path(repo: Repo, revision: str, subpath: str | None) -> str:
+    path = f"/api/{repo.api_kind}/{repo.id}/tree/{quote_revision(revision)}"
+    return f"{path}/{quote_path(subpath)}" if subpath else path
+
+
+def _cache_key(method: str, path: str, query: list[tuple[str, str]], body: bytes) -> str:
+    key = f"{method} {path}?{'&'.join(f'{k}={v}' for k, v in sorted(query))}"
+    if body:
+        key += f" body:{hashlib.sha256(body).hexdigest()}"
+    return key
+
+
+def _json_response(data: bytes, content_type: str, link: str, request: Request) -> Response:
+    headers = {"Link": absolute_links(link, str(request.base_url))} if link else {}
+    return Response(data, media_type=content_type, headers=headers)

@@ -1,0 +1,66 @@
+"""Hub errors as exceptions, and the one place they become the Hub's error responses.
+
+The client raises its typed exceptions (RepositoryNotFoundError, GatedRepoError,
+EntryNotFoundError, …) from `X-Error-Code`, so upstream errors are passed through exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import httpx
+from starlette.responses import JSONResponse, Response
+
+PASSED_THROUGH = ("x-error-code", "x-error-message", "x-repo-commit", "www-authenticate", "content-type")
+
+
+class HfError(Exception):
+    """An error the client receives in the Hub's shape: JSON `{"error": …}` and X-Error-* headers."""
+
+    def __init__(self, status: int, message: str, *, code: str | None = None, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.headers = dict(headers or {})
+
+    def response(self) -> Response:
+        headers = {"X-Error-Message": self.message, **self.headers}
+        if self.code:
+            headers["X-Error-Code"] = self.code
+        return JSONResponse({"error": self.message}, status_code=self.status, headers=headers)
+
+
+class UpstreamHfError(HfError):
+    """An error answer of the Hub, replayed status, headers and body as they came."""
+
+    def __init__(self, status: int, headers: Mapping[str, str], body: bytes) -> None:
+        lowered = {k.lower(): v for k, v in headers.items()}
+        super().__init__(status, lowered.get("x-error-message", f"the Hub answered {status}"), code=lowered.get("x-error-code"))
+        self.replay_headers = {k: v for k, v in lowered.items() if k in PASSED_THROUGH}
+        self.body = body
+
+    @classmethod
+    def from_response(cls, response: httpx.Response) -> UpstreamHfError:
+        body = b"" if response.request.method == "HEAD" else response.content
+        return cls(response.status_code, response.headers, body)
+
+    def response(self) -> Response:
+        return Response(self.body, status_code=self.status, headers=self.replay_headers)
+
+
+class HubUnavailable(HfError):
+    """The Hub could not be reached or answered 5xx, and nothing cached can answer instead."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(503, message)
+
+
+class BadRequest(HfError):
+    def __init__(self, message: str) -> None:
+        super().__init__(400, message, code="BadRequest")
+
+
+class NotFound(HfError):
+    def __init__(self, message: str = "not found") -> None:
+        super().__init__(404, message)

@@ -1,0 +1,108 @@
+"""The Hub's routes at the root of pullthrough (so HF_ENDPOINT=http://host:port works), dispatched
+to files and API, with every error worded as the Hub words it."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+import httpx
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from proxy.config import HfConfig
+from proxy.http.download import BlobTransport
+from proxy.sources.hf.access import AccessGuard
+from proxy.sources.hf.api import ApiService, repo_info_path, tree_path
+from proxy.sources.hf.errors import HfError, NotFound
+from proxy.sources.hf.files import FileService
+from proxy.sources.hf.names import REPO_TYPES, parse_file_path, parse_repo, parse_revision, quote_revision, raw_segments
+from proxy.sources.hf.upstream import HubClient
+from proxy.store.cache import BlobCache
+
+log = logging.getLogger(__name__)
+
+_API_ACTIONS = {"revision", "tree", "paths-info", "refs", "auth-check"}
+
+
+class HfMirror:
+    def __init__(self, config: HfConfig, cache: BlobCache, http: httpx.AsyncClient, blobs: BlobTransport) -> None:
+        self.client = HubClient(config, http, blobs)
+        self.access = AccessGuard(config, self.client, cache)
+        self.files = FileService(config, self.client, cache, self.access)
+        self.api = ApiService(config, self.client, cache, self.access)
+
+    def routes(self) -> list[BaseRoute]:
+        return [
+            Route("/api/{rest:path}", self.dispatch_api, methods=["GET", "HEAD", "POST"]),
+            Route("/{rest:path}", self.dispatch_resolve, methods=["GET", "HEAD"]),
+        ]
+
+    async def dispatch_api(self, request: Request) -> Response:
+        return await self._guarded(request, self._api)
+
+    async def dispatch_resolve(self, request: Request) -> Response:
+        return await self._guarded(request, self._resolve)
+
+    async def _guarded(self, request: Request, handler: Callable[[Request], Awaitable[Response]]) -> Response:
+        try:
+            return await handler(request)
+        except HfError as exc:
+            return exc.response()
+        except Exception:
+            log.exception("unexpected error on %s %s", request.method, request.url.path)
+            return HfError(500, "internal error in the mirror").response()
+
+    async def _resolve(self, request: Request) -> Response:
+        segments = raw_segments(request.scope.get("raw_path") or request.url.path.encode())
+        repo_type = "model"
+        if segments and segments[0] in ("datasets", "spaces"):
+            repo_type, segments = REPO_TYPES[segments[0]], segments[1:]
+        for id_length in (1, 2):
+            if len(segments) > id_length + 2 and segments[id_length] == "resolve":
+                repo = parse_repo(repo_type, segments[:id_length])
+                revision = parse_revision(segments[id_length + 1])
+                path = parse_file_path(segments[id_length + 2 :])
+                return await self.files.resolve(repo, revision, path, request, _token(request))
+        raise NotFound(f"no route for {request.url.path[:200]}")
+
+    async def _api(self, request: Request) -> Response:
+        segments = raw_segments(request.scope.get("raw_path") or request.url.path.encode())[1:]
+        if not segments or segments[0] not in REPO_TYPES:
+            raise NotFound(f"no route for {request.url.path[:200]}")
+        repo_type, rest = REPO_TYPES[segments[0]], segments[1:]
+        id_length = 2 if len(rest) >= 2 and rest[1] not in _API_ACTIONS else 1
+        if not rest or len(rest) < id_length:
+            raise NotFound("no repository in the path")
+        repo = parse_repo(repo_type, rest[:id_length])
+        action, tail = (rest[id_length], rest[id_length + 1 :]) if len(rest) > id_length else ("", [])
+        token = _token(request)
+        if request.method == "POST" and action != "paths-info":
+            raise HfError(405, "pullthrough is a read-only mirror")
+        if action == "":
+            return await self.api.answer(repo, repo_info_path(repo, None), None, request, token)
+        if action == "revision" and len(tail) == 1:
+            revision = parse_revision(tail[0])
+            return await self.api.answer(repo, repo_info_path(repo, revision), revision, request, token)
+        if action == "tree" and tail:
+            revision = parse_revision(tail[0])
+            subpath = parse_file_path(tail[1:]) if len(tail) > 1 else None
+            return await self.api.answer(repo, tree_path(repo, revision, subpath), revision, request, token)
+        if action == "paths-info" and len(tail) == 1 and request.method == "POST":
+            revision = parse_revision(tail[0])
+            path = f"/api/{repo.api_kind}/{repo.id}/paths-info/{quote_revision(revision)}"
+            return await self.api.answer(repo, path, revision, request, token)
+        if action == "refs" and not tail:
+            return await self.api.answer(repo, f"/api/{repo.api_kind}/{repo.id}/refs", None, request, token)
+        if action == "auth-check" and not tail:
+            return await self.api.auth_check(repo, token)
+        raise NotFound(f"no route for {request.url.path[:200]}")
+
+
+def _token(request: Request) -> str | None:
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        return None
+    return value.strip()
+

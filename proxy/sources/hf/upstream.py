@@ -1,0 +1,133 @@
+"""Talking to the Hub: resolve HEADs without following its CDN redirect, file bytes, and the API.
+
+The caller's own token goes upstream with each request made on its behalf; it is never logged
+or stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+
+import anyio
+import httpx
+
+from proxy.config import HfConfig
+from proxy.http.download import BlobDownload, BlobTransport, TransferFailed, small_body
+from proxy.sources.hf.errors import HubUnavailable, UpstreamHfError
+from proxy.sources.hf.names import Repo, quote_path, quote_revision
+
+RETRIES = 2
+RETRY_BACKOFF = (0.2, 1.0)
+RETRY_STATUSES = {502, 503, 504}
+MAX_REDIRECTS = 5
+
+
+def bearer(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+class HubClient:
+    """Requests to the Hub on behalf of callers."""
+
+    def __init__(self, config: HfConfig, http: httpx.AsyncClient, blobs: BlobTransport) -> None:
+        self.config = config
+        self.base_url = config.base_url
+        self._http = http
+        self._blobs = blobs
+
+    def resolve_url(self, repo: Repo, revision: str, path: str) -> str:
+        return f"{self.base_url}/{repo.url_prefix}{repo.id}/resolve/{quote_revision(revision)}/{quote_path(path)}"
+
+    async def head_file(self, repo: Repo, revision: str, path: str, token: str | None) -> httpx.Response:
+        """HEAD of resolve, relative redirects followed (renamed repos), the CDN redirect not."""
+        url = self.resolve_url(repo, revision, path)
+        headers = {"Accept-Encoding": "identity", **bearer(token)}
+        for _ in range(MAX_REDIRECTS):
+            response = await self._send("HEAD", url, headers=headers)
+            location = response.headers.get("location", "")
+            if response.is_redirect and location.startswith("/"):
+                url = f"{self.base_url}{location}"
+                continue
+            if response.is_redirect or response.is_success:
+                return response
+            raise UpstreamHfError.from_response(response)
+        raise HubUnavailable("the Hub redirected too many times")
+
+    async def get_small_file(self, repo: Repo, commit: str, path: str, token: str | None) -> httpx.Response:
+        """A regular (non-LFS) file's bytes, whole."""
+        response = await self._send(
+            "GET", self.resolve_url(repo, commit, path), headers={"Accept-Encoding": "identity", **bearer(token)}, follow=True
+        )
+        if not response.is_success:
+            raise UpstreamHfError.from_response(response)
+        return response
+
+    async def open_file(self, repo: Repo, commit: str, path: str, token: str | None) -> BlobDownload:
+        """A large file's body, open, for the store to read in a worker thread."""
+        url = self.resolve_url(repo, commit, path)
+        authorization = f"Bearer {token}" if token else None
+        for attempt in range(RETRIES + 1):
+            try:
+                response = await anyio.to_thread.run_sync(self._blobs.get, url, authorization)
+            except TransferFailed as exc:
+                if attempt < RETRIES:
+                    await asyncio.sleep(RETRY_BACKOFF[min(attempt, len(RETRY_BACKOFF) - 1)])
+                    continue
+                raise HubUnavailable(f"the Hub is unreachable: {exc}") from None
+            if 200 <= response.status < 300:
+                return BlobDownload(response)
+            body = await anyio.to_thread.run_sync(small_body, response)
+            if response.status in RETRY_STATUSES and attempt < RETRIES:
+                await asyncio.sleep(RETRY_BACKOFF[min(attempt, len(RETRY_BACKOFF) - 1)])
+                continue
+            if response.status >= 500:
+                raise HubUnavailable(f"the Hub answered {response.status}")
+            raise UpstreamHfError(response.status, dict(response.headers), body)
+        raise HubUnavailable("the Hub kept failing")
+
+    async def api(
+        self,
+        method: str,
+        path: str,
+        *,
+        token: str | None,
+        params: Mapping[str, str] | list[tuple[str, str]] | None = None,
+        content: bytes | None = None,
+        content_type: str | None = None,
+    ) -> httpx.Response:
+        """An API call; any answer below 500 is returned for the caller to pass on."""
+        headers = bearer(token)
+        if content_type:
+            headers["Content-Type"] = content_type
+        response = await self._send(method, f"{self.base_url}{path}", headers=headers, params=params, content=content, follow=True)
+        return response
+
+    async def _send(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: dict[str, str],
+        params: Mapping[str, str] | list[tuple[str, str]] | None = None,
+        content: bytes | None = None,
+        follow: bool = False,
+    ) -> httpx.Response:
+        idempotent = method in ("GET", "HEAD")
+        for attempt in range(RETRIES + 1):
+            try:
+                response = await self._http.request(
+                    method, url, headers=headers, params=params, content=content, follow_redirects=follow
+                )
+            except httpx.TransportError as exc:
+                if idempotent and attempt < RETRIES:
+                    await asyncio.sleep(RETRY_BACKOFF[min(attempt, len(RETRY_BACKOFF) - 1)])
+                    continue
+                raise HubUnavailable(f"the Hub is unreachable: {type(exc).__name__}") from None
+            if response.status_code in RETRY_STATUSES and idempotent and attempt < RETRIES:
+                await asyncio.sleep(RETRY_BACKOFF[min(attempt, len(RETRY_BACKOFF) - 1)])
+                continue
+            if response.status_code >= 500 or response.status_code == 429:
+                raise HubUnavailable(f"the Hub answered {response.status_code}")
+            return response
+        raise HubUnavailable("the Hub kept failing")
