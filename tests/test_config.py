@@ -95,3 +95,11 @@ def test_serve_with_bad_config_prints_one_line_and_exits_2(tmp_path: Path) -> No
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("pullthrough: config error: default_ttl:")
+
+
+def test_the_readme_config_example_loads(tmp_path: Path) -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    example = readme.split("```toml\n", 1)[1].split("```", 1)[0]
+    settings = load_settings(write(tmp_path / "c.toml", example))
+    assert settings.registries[0].name == "docker.io" and settings.registries[0].default
+    assert settings.hf.revision_ttl == 300
