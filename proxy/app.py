@@ -1,10 +1,13 @@
-"""create_app(settings): the ASGI application, its routes and its lifespan (index, store, HTTP client)."""
+"""create_app(settings): the ASGI application, its routes and its lifespan (index, store, HTTP clients,
+counters, janitor)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
 
 import anyio
 import httpx
@@ -15,14 +18,17 @@ from starlette.routing import Route
 
 from proxy import __version__
 from proxy.config import Settings
+from proxy.http.download import BlobTransport
 from proxy.http.zerocopy import ZeroCopyMiddleware
 from proxy.migrate import prepare_database
+from proxy.ops import Operations
 from proxy.sources.hf import HfMirror
 from proxy.sources.oci import OciMirror
-from proxy.http.download import BlobTransport
+from proxy.stats import Traffic
 from proxy.store.blobs import BlobStore
 from proxy.store.cache import BlobCache
 from proxy.store.index import Index, make_engine
+from proxy.store.janitor import Janitor, Policy, PurgeResult, TtlRule
 
 log = logging.getLogger(__name__)
 
@@ -39,24 +45,61 @@ def upstream_http_client() -> httpx.AsyncClient:
     )
 
 
+def purge_policy(settings: Settings) -> Policy:
+    rules = [TtlRule("oci", r.name, r.ttl) for r in settings.registries if r.ttl is not None]
+    if settings.hf.ttl is not None:
+        rules.append(TtlRule("hf", urlsplit(settings.hf.url).netloc, settings.hf.ttl))
+    return Policy(default_ttl=settings.default_ttl, rules=tuple(rules), max_size=settings.max_size, min_free=settings.min_free)
+
+
 def create_app(settings: Settings) -> Starlette:
     settings.cache_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.effective_database_url)
-    cache = BlobCache(BlobStore(settings.cache_dir), Index(engine))
+    index = Index(engine)
+    store = BlobStore(settings.cache_dir)
+    traffic = Traffic(index, node=store.node_id)
+    cache = BlobCache(store, index, listener=traffic)
+    janitor = Janitor(store, index, purge_policy(settings))
     http = upstream_http_client()
     blob_transport = BlobTransport(user_agent=USER_AGENT)
-    oci = OciMirror(settings, cache, http, blob_transport)
-    hf = HfMirror(settings.hf, cache, http, blob_transport)
+    oci = OciMirror(settings, cache, http, blob_transport, traffic)
+    hf = HfMirror(settings.hf, cache, http, blob_transport, traffic)
+    purge_lock = asyncio.Lock()
+
+    async def purge(**options: object) -> PurgeResult:
+        async with purge_lock:
+            await cache.flush_access()  # last-access times the janitor must see
+            result = await anyio.to_thread.run_sync(lambda: janitor.purge(**options))  # type: ignore[arg-type]
+        if not result.dry_run:
+            reason = str(options.get("reason", "periodic"))
+            traffic.purges.labels(reason).inc()
+            traffic.purged_bytes.labels(reason).inc(result.bytes_removed)
+        return result
+
+    async def purge_periodically() -> None:
+        while True:
+            await asyncio.sleep(settings.purge_interval)
+            try:
+                await purge(reason="periodic")
+            except Exception:
+                log.exception("purge failed")
+
+    ops = Operations(settings, traffic, index, purge, oci.ratelimits)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         await anyio.to_thread.run_sync(prepare_database, engine, settings.effective_database_url)
         await cache.start()
+        await anyio.to_thread.run_sync(janitor.sweep)  # index and files agree before the first request
+        await traffic.start()
+        janitor_task = asyncio.create_task(purge_periodically(), name="janitor")
         log.info("pullthrough %s serving %s from %s", __version__, settings.listen, settings.cache_dir)
         try:
             yield
         finally:
+            janitor_task.cancel()
             await cache.aclose()
+            await traffic.aclose()
             await http.aclose()
             blob_transport.close()
             engine.dispose()
@@ -65,11 +108,11 @@ def create_app(settings: Settings) -> Starlette:
         return JSONResponse({"status": "ok", "version": __version__})
 
     # The Hub's routes live at the root (HF_ENDPOINT is a host), so they come last.
-    routes = [Route("/healthz", healthz, methods=["GET", "HEAD"]), *oci.routes(), *hf.routes()]
+    routes = [Route("/healthz", healthz, methods=["GET", "HEAD"]), *ops.routes(), *oci.routes(), *hf.routes()]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.settings = settings
     app.state.cache = cache
-    app.state.oci = oci
+    app.state.traffic = traffic
     return app
 
 

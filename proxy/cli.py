@@ -5,13 +5,18 @@ Configuration errors end the command with one line on stderr and exit status 2.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
 from proxy.config import ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:
+    from proxy.store.blobs import BlobStore
+    from proxy.store.index import Index
 
 _SETTING_OPTIONS = [
     click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML file (or PULLTHROUGH_CONFIG)."),
@@ -116,3 +121,153 @@ def db_upgrade(config_file: str | None, cache_dir: str | None, database_url: str
     settings.cache_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings.effective_database_url, revision)
     click.echo(f"index at {revision}")
+
+
+def _offline_parts(settings: Settings) -> tuple[BlobStore, Index]:
+    """The store and index of the configured cache, for commands that run without the server."""
+    from proxy.migrate import upgrade
+    from proxy.store.blobs import BlobStore
+    from proxy.store.index import Index, make_engine
+
+    settings.cache_dir.mkdir(parents=True, exist_ok=True)
+    if settings.effective_database_url.startswith("sqlite"):
+        upgrade(settings.effective_database_url)
+    return BlobStore(settings.cache_dir), Index(make_engine(settings.effective_database_url))
+
+
+@main.command()
+@_setting_options
+@click.option("--dry-run", is_flag=True, help="Say what would go; remove nothing.")
+@click.option("--older-than", help="Remove every unpinned blob unused this long (e.g. 7d), whatever its TTL.")
+@click.option("--to-size", help="Evict least recently used blobs until the cache is this small (e.g. 100G).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def purge(
+    config_file: str | None, cache_dir: str | None, database_url: str | None,
+    dry_run: bool, older_than: str | None, to_size: str | None, as_json: bool,
+) -> None:
+    """Remove expired blobs and shrink the cache to its cap (pinned blobs stay)."""
+    from proxy.app import purge_policy
+    from proxy.config import parse_duration, parse_size
+    from proxy.store.janitor import Janitor
+
+    settings = _settings(config_file, cache_dir=cache_dir, database_url=database_url)
+    try:
+        age = parse_duration(older_than) if older_than is not None else None
+        size = parse_size(to_size) if to_size is not None else None
+    except ValueError as exc:
+        _fail(str(exc))
+    store, index = _offline_parts(settings)
+    result = Janitor(store, index, purge_policy(settings)).purge(dry_run=dry_run, older_than=age, to_size=size, reason="cli")
+    if as_json:
+        click.echo(json.dumps({"dry_run": dry_run, "removed": [{"digest": d, "size": s} for d, s in result.removed],
+                               "bytes_removed": result.bytes_removed, "orphan_files": result.orphan_files,
+                               "orphan_rows": result.orphan_rows}, indent=2))
+        return
+    verb = "would remove" if dry_run else "removed"
+    click.echo(f"{verb} {len(result.removed)} blobs ({_human(result.bytes_removed)})")
+    for digest, size in result.removed if dry_run else []:
+        click.echo(f"  {digest}  {_human(size)}")
+
+
+@main.command()
+@_setting_options
+@click.option("--repair", is_flag=True, help="Remove the blobs that no longer match their digest.")
+def verify(config_file: str | None, cache_dir: str | None, database_url: str | None, repair: bool) -> None:
+    """Rehash every blob in the store; exit 1 if any does not match its digest (and was not repaired)."""
+    from proxy.app import purge_policy
+    from proxy.store.janitor import Janitor
+
+    settings = _settings(config_file, cache_dir=cache_dir, database_url=database_url)
+    store, index = _offline_parts(settings)
+    bad = Janitor(store, index, purge_policy(settings)).verify(repair=repair)
+    for digest in bad:
+        click.echo(f"{'removed' if repair else 'corrupt'}: {digest}")
+    click.echo(f"{len(bad)} blobs did not match their digest")
+    if bad and not repair:
+        sys.exit(1)
+
+
+@main.command()
+@_setting_options
+@click.option("--url", help="A running server's base URL (default: the configured listen address).")
+@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
+def stats(config_file: str | None, cache_dir: str | None, database_url: str | None, url: str | None, as_json: bool) -> None:
+    """What the cache saves: from a running server, or from the index when none answers."""
+    settings = _settings(config_file, cache_dir=cache_dir, database_url=database_url)
+    report = _report(settings, url)
+    if as_json:
+        click.echo(json.dumps(report, indent=2, sort_keys=True))
+        return
+    ratio = report.get("hit_ratio")
+    rows = [
+        ("hits", str(report["hits"])),
+        ("misses", str(report["misses"])),
+        ("hit ratio", f"{ratio * 100:.1f} %" if ratio is not None else "-"),
+        ("coalesced", str(report["coalesced"])),
+        ("from cache", _human(report["bytes_from_cache"])),
+        ("from upstream", _human(report["bytes_from_upstream"])),
+        ("cache size", f"{_human(report['cache']['bytes'])} in {report['cache']['entries']} entries"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        click.echo(f"{key:<{width}}  {value}")
+    if report.get("per_upstream"):
+        click.echo("")
+        click.echo(f"{'upstream':<32} {'hits':>8} {'misses':>8} {'from upstream':>14}")
+        for u in report["per_upstream"]:
+            click.echo(f"{u['source'] + ':' + u['upstream']:<32} {u['hits']:>8} {u['misses']:>8} {_human(u['bytes_from_upstream']):>14}")
+
+
+@main.command()
+@_setting_options
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def pins(config_file: str | None, cache_dir: str | None, database_url: str | None, as_json: bool) -> None:
+    """The pinned resource sets and how many blobs each keeps."""
+    settings = _settings(config_file, cache_dir=cache_dir, database_url=database_url)
+    _, index = _offline_parts(settings)
+    pinned = {name: sorted(digests) for name, digests in sorted(index.pinned().items())}
+    if as_json:
+        click.echo(json.dumps(pinned, indent=2))
+        return
+    if not pinned:
+        click.echo("no pinned sets")
+    for name, digests in pinned.items():
+        click.echo(f"{name}: {len(digests)} blobs")
+
+
+def _report(settings: Settings, url: str | None) -> dict[str, Any]:
+    import asyncio
+
+    import httpx
+
+    base = url or f"http://{settings.listen}"
+    headers = {"Authorization": f"Bearer {settings.admin_secret()}"} if settings.admin_secret() else {}
+    try:
+        response = httpx.get(f"{base.rstrip('/')}/stats", headers=headers, timeout=10)
+        if response.status_code == 200:
+            return response.json()
+    except httpx.HTTPError:
+        pass
+    from proxy.stats import Traffic
+
+    _, index = _offline_parts(settings)
+    traffic = Traffic(index, node="cli")
+    traffic.load()
+    last = index.last_purge()
+    return asyncio.run(
+        traffic.report(
+            max_size=settings.max_size,
+            last_purge=last.__dict__ if last else None,
+            pins={name: {"blobs": len(d)} for name, d in index.pinned().items()},
+            ratelimits={},
+        )
+    )
+
+
+def _human(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"

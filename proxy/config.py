@@ -37,6 +37,24 @@ def parse_duration(value: Any) -> float:
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 
+_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)$")
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4, "p": 1024**5}
+
+
+def parse_size(value: Any) -> int:
+    """'50G', '500MiB', '1.5T', or a number of bytes -> bytes (binary units)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError("a size cannot be negative")
+        return value
+    match = _SIZE.match(str(value).strip().lower()) if isinstance(value, str) else None
+    if match is None:
+        raise ValueError(f"{value!r} is not a size such as '50G', '500M' or '1T'")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+
+
+Size = Annotated[int, BeforeValidator(parse_size)]
+
 _REGISTRY_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[0-9]{1,5})?$")
 
 
@@ -49,6 +67,7 @@ class RegistryConfig(BaseModel):
     url: str
     default: bool = False
     tag_ttl: Duration = 300.0
+    ttl: Duration | None = None  # unused blobs from this registry are purged after this (default_ttl if unset)
     username: str | None = None
     password: SecretStr | None = None
     password_env: str | None = None
@@ -100,6 +119,7 @@ class HfConfig(BaseModel):
     url: str = "https://huggingface.co"
     revision_ttl: Duration = 300.0  # how long a branch or tag -> commit answer is trusted
     access_ttl: Duration = 60.0  # how long a caller's token is trusted for a gated or private repo
+    ttl: Duration | None = None  # unused model files are purged after this (default_ttl if unset)
     token_env: str | None = None  # a service token for public repos' metadata, read from this variable
 
     @model_validator(mode="after")
@@ -125,6 +145,12 @@ class Settings(BaseSettings):
     cache_dir: Path = Path("/var/cache/pullthrough")
     database_url: str | None = None
     default_ttl: Duration = 86400.0
+    max_size: Size | None = None  # evict least recently used blobs above this
+    min_free: Size | None = None  # and while the cache's file system has less free space than this
+    purge_interval: Duration = 600.0
+    admin_token: SecretStr | None = None  # Bearer token for the admin endpoints; none: they are off
+    admin_token_env: str | None = None
+    public_stats: bool = True  # /stats, /metrics and the dashboard readable without the admin token
     log_level: str = "info"
     access_log: bool = False
     registries: list[RegistryConfig] = Field(default_factory=_default_registries)
@@ -150,6 +176,11 @@ class Settings(BaseSettings):
     @property
     def port(self) -> int:
         return int(self.listen.rpartition(":")[2])
+
+    def admin_secret(self) -> str | None:
+        if self.admin_token_env:
+            return os.environ.get(self.admin_token_env) or None
+        return self.admin_token.get_secret_value() if self.admin_token else None
 
     @property
     def effective_database_url(self) -> str:

@@ -14,11 +14,13 @@ from proxy.store.blobs import BlobStore, DigestMismatch
 from proxy.store.cache import BlobCache
 from proxy.store.digest import Digest, InvalidDigest, UnsupportedDigest
 from proxy.http.responses import iter_bytes
-from proxy.store.fill import Fill, FillFailed
+from proxy.store.fill import Fill, FillFailed, Origin
 from proxy.store.index import Index, make_engine
 from proxy.migrate import upgrade
 
 pytestmark = pytest.mark.anyio
+
+ORIGIN = Origin("test", "upstream.test")
 
 
 @pytest.fixture
@@ -116,7 +118,7 @@ async def test_concurrent_misses_share_one_upstream_stream(cache: BlobCache) -> 
     digest = digest_of(data)
     upstream = ScriptedUpstream(data)
     upstream.release.clear()
-    fills = [cache.fill(digest, upstream.open) for _ in range(8)]
+    fills = [cache.fill(digest, upstream.open, origin=ORIGIN) for _ in range(8)]
     assert [joined for _, joined in fills] == [False] + [True] * 7
     readers = [asyncio.create_task(collect(fill, 0, len(data))) for fill, _ in fills]
     upstream.release.set()
@@ -134,7 +136,7 @@ async def test_follower_receives_bytes_before_the_fill_completes(cache: BlobCach
     upstream = ScriptedUpstream(data, chunk=512 * 1024)
     upstream.stall_at = 2 * 1024 * 1024
     upstream.release.clear()
-    fill, _ = cache.fill(digest, upstream.open)
+    fill, _ = cache.fill(digest, upstream.open, origin=ORIGIN)
     await fill.opened()
     for _ in range(500):
         if fill.written >= 1024 * 1024:
@@ -154,7 +156,7 @@ async def test_a_range_reaching_the_end_of_a_growing_blob_ends_only_after_verifi
     await cache.start()
     data = os.urandom(2 * 1024 * 1024)
     upstream = ScriptedUpstream(data)
-    fill, _ = cache.fill(digest_of(data), upstream.open)
+    fill, _ = cache.fill(digest_of(data), upstream.open, origin=ORIGIN)
     body = await collect(fill, len(data) - 5000, len(data))
     assert body == data[-5000:]
     assert fill.verified  # the last byte waited for the verification
@@ -167,7 +169,7 @@ async def test_a_range_inside_a_growing_blob_is_served_before_the_fill_ends(cach
     upstream = ScriptedUpstream(data, chunk=512 * 1024)
     upstream.stall_at = 2 * 1024 * 1024
     upstream.release.clear()
-    fill, _ = cache.fill(digest_of(data), upstream.open)
+    fill, _ = cache.fill(digest_of(data), upstream.open, origin=ORIGIN)
     body = await asyncio.wait_for(collect(fill, 1000, 5000), timeout=5)
     assert body == data[1000:5000]
     assert not fill.verified  # served while the upstream was still stalled
@@ -183,7 +185,7 @@ async def test_upstream_sending_wrong_bytes_fails_every_reader_and_caches_nothin
     corrupt = bytearray(wanted)
     corrupt[-1] ^= 0xFF
     upstream = ScriptedUpstream(bytes(corrupt))
-    fills = [cache.fill(digest, upstream.open) for _ in range(3)]
+    fills = [cache.fill(digest, upstream.open, origin=ORIGIN) for _ in range(3)]
     received: list[bytes] = [b"", b"", b""]
 
     async def read(i: int) -> None:
@@ -202,7 +204,7 @@ async def test_short_upstream_body_is_not_committed(cache: BlobCache) -> None:
     await cache.start()
     data = os.urandom(100_000)
     upstream = ScriptedUpstream(data[:50_000], announce=len(data))
-    fill, _ = cache.fill(digest_of(data), upstream.open)
+    fill, _ = cache.fill(digest_of(data), upstream.open, origin=ORIGIN)
     assert await fill.finished() is None
     assert (await cache.lookup(digest_of(data))) is None
     await cache.aclose()
@@ -212,7 +214,7 @@ async def test_a_committed_blob_is_indexed_and_access_is_batched(cache: BlobCach
     await cache.start()
     data = b"layer bytes"
     digest = digest_of(data)
-    fill, _ = cache.fill(digest, ScriptedUpstream(data).open)
+    fill, _ = cache.fill(digest, ScriptedUpstream(data).open, origin=ORIGIN)
     await fill.finished()
     record = cache.index.get_blob(str(digest))
     assert record is not None and record.size == len(data) and record.hits == 0

@@ -16,7 +16,7 @@ import anyio
 
 from proxy.store.blobs import BlobFile, BlobStore
 from proxy.store.digest import Digest
-from proxy.store.fill import Fill, Filler, Opener
+from proxy.store.fill import Fill, Filler, FillListener, Opener, Origin
 from proxy.store.index import Index, Reference
 
 log = logging.getLogger(__name__)
@@ -96,10 +96,12 @@ class AccessLog:
 class BlobCache:
     """Everything a source needs from the store, async."""
 
-    def __init__(self, store: BlobStore, index: Index, *, small_object_bytes: int = 64 * 1024 * 1024) -> None:
+    def __init__(
+        self, store: BlobStore, index: Index, *, listener: FillListener | None = None, small_object_bytes: int = 64 * 1024 * 1024
+    ) -> None:
         self.store = store
         self.index = index
-        self.filler = Filler(store, self._record_commit)
+        self.filler = Filler(store, self._record_commit, listener)
         self.small = SmallObjectCache(small_object_bytes)
         self.references = ReferenceMemo()
         self.access = AccessLog()
@@ -123,13 +125,17 @@ class BlobCache:
             self.access.touch(digest)
         return blob
 
-    def fill(self, digest: Digest, opener: Opener, *, expected_size: int | None = None) -> tuple[Fill, bool]:
+    def fill(
+        self, digest: Digest, opener: Opener, *, origin: Origin, expected_size: int | None = None
+    ) -> tuple[Fill, bool]:
         """Start fetching the digest, or follow the fetch already running; (fill, joined)."""
-        return self.filler.start_or_follow(digest, opener, expected_size=expected_size)
+        return self.filler.start_or_follow(digest, opener, origin=origin, expected_size=expected_size)
 
-    async def _record_commit(self, blob: BlobFile) -> None:
+    async def _record_commit(self, blob: BlobFile, origin: Origin) -> None:
         try:
-            await anyio.to_thread.run_sync(self.index.add_blob, str(blob.digest), blob.size)
+            await anyio.to_thread.run_sync(
+                lambda: self.index.add_blob(str(blob.digest), blob.size, source=origin.source, upstream=origin.upstream)
+            )
         except Exception:  # the file is valid; the row is re-created on the next access flush
             log.exception("could not index %s", blob.digest)
 
@@ -153,7 +159,7 @@ class BlobCache:
             return None  # written by another process that has not indexed it yet: fetch it again
         return SmallObject(digest, data, record.media_type)
 
-    async def put_small(self, data: bytes, digest: Digest, media_type: str | None) -> SmallObject:
+    async def put_small(self, data: bytes, digest: Digest, media_type: str | None, origin: Origin) -> SmallObject:
         """Store verified bytes (the caller checked the digest) with their media type.
 
         The object is in memory before its file appears, so a concurrent reader never finds the
@@ -164,7 +170,7 @@ class BlobCache:
 
         def _write() -> None:
             self.store.put_bytes(data, digest)
-            self.index.add_blob(str(digest), len(data), media_type)
+            self.index.add_blob(str(digest), len(data), media_type, source=origin.source, upstream=origin.upstream)
 
         await anyio.to_thread.run_sync(_write)
         return item

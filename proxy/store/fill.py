@@ -57,7 +57,19 @@ class UpstreamBody(Protocol):
 
 
 Opener = Callable[[], Awaitable[UpstreamBody]]
-CommitHook = Callable[[BlobFile], Awaitable[None]]
+CommitHook = Callable[[BlobFile, "Origin"], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where bytes come from: the source kind (oci, hf, …) and the upstream (docker.io, …)."""
+
+    source: str
+    upstream: str
+
+
+class FillListener(Protocol):
+    def fill_finished(self, origin: Origin, nbytes: int, seconds: float, ok: bool) -> None: ...
 
 
 class FillFailed(Exception):
@@ -167,16 +179,19 @@ class Fill:
 class Filler:
     """Starts at most one fill per digest in this process and lets every other request follow it."""
 
-    def __init__(self, store: BlobStore, on_commit: CommitHook) -> None:
+    def __init__(self, store: BlobStore, on_commit: CommitHook, listener: FillListener | None = None) -> None:
         self._store = store
         self._on_commit = on_commit
+        self._listener = listener
         self._inflight: dict[Digest, Fill] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     def inflight(self, digest: Digest) -> Fill | None:
         return self._inflight.get(digest)
 
-    def start_or_follow(self, digest: Digest, opener: Opener, *, expected_size: int | None = None) -> tuple[Fill, bool]:
+    def start_or_follow(
+        self, digest: Digest, opener: Opener, *, origin: Origin, expected_size: int | None = None
+    ) -> tuple[Fill, bool]:
         """The fill for this digest, and whether this call joined one already running."""
         fill = self._inflight.get(digest)
         if fill is not None:
@@ -184,12 +199,12 @@ class Filler:
             return fill, True
         fill = Fill(digest)
         self._inflight[digest] = fill
-        task = asyncio.create_task(self._run(fill, opener, expected_size), name=f"fill {digest}")
+        task = asyncio.create_task(self._run(fill, opener, origin, expected_size), name=f"fill {digest}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return fill, False
 
-    async def _run(self, fill: Fill, opener: Opener, expected_size: int | None) -> None:
+    async def _run(self, fill: Fill, opener: Opener, origin: Origin, expected_size: int | None) -> None:
         temp: TempBlob | None = None
         body: UpstreamBody | None = None
         try:
@@ -208,15 +223,20 @@ class Filler:
             await anyio.to_thread.run_sync(self._store.verify, temp, fill.digest, size)
             fill._verified()  # readers may take the last byte now; fsync and rename need not hold them
             blob = await anyio.to_thread.run_sync(self._store.commit, temp, fill.digest, size)
-            await self._on_commit(blob)
+            await self._on_commit(blob, origin)
             fill._commit(blob)
             temp.close()
-            log.info("filled %s (%d bytes, %d followers)", fill.digest, blob.size, fill.stats.followers)
+            seconds = time.monotonic() - fill.stats.started_at
+            if self._listener is not None:
+                self._listener.fill_finished(origin, blob.size, seconds, True)
+            log.info("filled %s from %s (%d bytes in %.2fs, %d followers)", fill.digest, origin.upstream, blob.size, seconds, fill.stats.followers)
         except BaseException as exc:  # noqa: BLE001 - the fill must never leave readers waiting
             if temp is not None:
                 fill._discarding = True
                 await anyio.to_thread.run_sync(temp.discard)
             fill._fail(exc)
+            if self._listener is not None and temp is not None:
+                self._listener.fill_finished(origin, temp.written, time.monotonic() - fill.stats.started_at, False)
             if not isinstance(exc, asyncio.CancelledError):
                 log.warning("fill of %s failed: %s", fill.digest, exc)
             if isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt, SystemExit)):

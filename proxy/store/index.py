@@ -7,7 +7,7 @@ default, PostgreSQL the engine for a cache that several nodes share.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,8 +19,12 @@ from sqlalchemy import (
     Integer,
     String,
     UniqueConstraint,
+    and_,
     create_engine,
+    delete,
     event,
+    func,
+    or_,
     select,
     update,
 )
@@ -43,6 +47,45 @@ class BlobRow(Base):
     created_at: Mapped[float] = mapped_column(Double)
     last_access: Mapped[float] = mapped_column(Double, index=True)
     hits: Mapped[int] = mapped_column(BigInteger, default=0)
+    source: Mapped[str | None] = mapped_column(String(16), nullable=True)  # who filled it first: oci, hf, …
+    upstream: Mapped[str | None] = mapped_column(String(255), nullable=True)  # docker.io, huggingface.co, …
+
+
+class PinRow(Base):
+    """A blob a named resource set keeps: never purged while pinned."""
+
+    __tablename__ = "pins"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    digest: Mapped[str] = mapped_column(String(100), primary_key=True, index=True)
+    created_at: Mapped[float] = mapped_column(Double)
+
+
+class CounterRow(Base):
+    """A traffic counter of one node, so that /stats survives a restart."""
+
+    __tablename__ = "counters"
+
+    node: Mapped[str] = mapped_column(String(255), primary_key=True)
+    source: Mapped[str] = mapped_column(String(16), primary_key=True)
+    upstream: Mapped[str] = mapped_column(String(255), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger)
+
+
+class PurgeRow(Base):
+    """One pass of the janitor."""
+
+    __tablename__ = "purges"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    started_at: Mapped[float] = mapped_column(Double)
+    finished_at: Mapped[float] = mapped_column(Double)
+    reason: Mapped[str] = mapped_column(String(64))
+    blobs_removed: Mapped[int] = mapped_column(BigInteger)
+    bytes_removed: Mapped[int] = mapped_column(BigInteger)
+    orphan_files: Mapped[int] = mapped_column(BigInteger)
+    orphan_rows: Mapped[int] = mapped_column(BigInteger)
 
 
 class ReferenceRow(Base):
@@ -83,6 +126,34 @@ class BlobRecord:
     created_at: float
     last_access: float
     hits: int
+    source: str | None = None
+    upstream: str | None = None
+
+
+@dataclass(frozen=True)
+class CounterKey:
+    source: str
+    upstream: str
+    name: str
+
+
+@dataclass(frozen=True)
+class PurgeRecord:
+    started_at: float
+    finished_at: float
+    reason: str
+    blobs_removed: int
+    bytes_removed: int
+    orphan_files: int
+    orphan_rows: int
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    source: str | None
+    upstream: str | None
+    entries: int
+    bytes: int
 
 
 def make_engine(url: str) -> Engine:
@@ -110,10 +181,13 @@ class Index:
     def _insert(self):  # type: ignore[no-untyped-def]
         return postgresql.insert if self.engine.dialect.name == "postgresql" else sqlite.insert
 
-    def add_blob(self, digest: str, size: int, media_type: str | None = None) -> None:
+    def add_blob(
+        self, digest: str, size: int, media_type: str | None = None, *, source: str | None = None, upstream: str | None = None
+    ) -> None:
         now = time.time()
         stmt = self._insert()(BlobRow).values(
-            digest=digest, size=size, media_type=media_type, created_at=now, last_access=now, hits=0
+            digest=digest, size=size, media_type=media_type, created_at=now, last_access=now, hits=0,
+            source=source, upstream=upstream,
         )
         if media_type is not None:
             stmt = stmt.on_conflict_do_update(index_elements=["digest"], set_={"media_type": media_type})
@@ -127,7 +201,9 @@ class Index:
             row = session.get(BlobRow, digest)
             if row is None:
                 return None
-            return BlobRecord(row.digest, row.size, row.media_type, row.created_at, row.last_access, row.hits)
+            return BlobRecord(
+                row.digest, row.size, row.media_type, row.created_at, row.last_access, row.hits, row.source, row.upstream
+            )
 
     def record_access(self, accesses: Mapping[str, tuple[float, int]]) -> None:
         """Apply a batch of (last access, hit count) per digest in one transaction."""
@@ -165,10 +241,107 @@ class Index:
         with Session(self.engine) as session, session.begin():
             session.execute(stmt)
 
-    def references_to(self, digests: Iterable[str]) -> list[Reference]:
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def usage(self) -> list[UsageRow]:
+        """Entries and bytes per (source, upstream)."""
         with Session(self.engine) as session:
-            rows = session.scalars(select(ReferenceRow).where(ReferenceRow.digest.in_(list(digests))))
-            return [_reference(row) for row in rows]
+            rows = session.execute(
+                select(BlobRow.source, BlobRow.upstream, func.count(), func.coalesce(func.sum(BlobRow.size), 0))
+                .group_by(BlobRow.source, BlobRow.upstream)
+            )
+            return [UsageRow(source, upstream, int(n), int(total)) for source, upstream, n, total in rows]
+
+    def unused_since(
+        self, cutoff: float, *, source: str | None, upstream: str | None, exclude: list[tuple[str | None, str | None]], limit: int
+    ) -> list[tuple[str, int]]:
+        """Unpinned blobs last read before `cutoff`: those of one (source, upstream), or with None
+        for both, every blob not of an `exclude`d pair (the default rule)."""
+        query = select(BlobRow.digest, BlobRow.size).where(BlobRow.last_access < cutoff, ~BlobRow.digest.in_(select(PinRow.digest)))
+        if source is not None:
+            query = query.where(BlobRow.source == source)
+            if upstream is not None:
+                query = query.where(BlobRow.upstream == upstream)
+        else:
+            for ex_source, ex_upstream in exclude:
+                pair = BlobRow.source == ex_source
+                if ex_upstream is not None:
+                    pair = and_(pair, BlobRow.upstream == ex_upstream)
+                query = query.where(or_(BlobRow.source.is_(None), ~pair))
+        with Session(self.engine) as session:
+            return [(d, s) for d, s in session.execute(query.order_by(BlobRow.last_access).limit(limit))]
+
+    def least_recently_used(self, *, accessed_before: float, limit: int) -> list[tuple[str, int]]:
+        """Unpinned blobs, least recently read first."""
+        query = (
+            select(BlobRow.digest, BlobRow.size)
+            .where(BlobRow.last_access < accessed_before, ~BlobRow.digest.in_(select(PinRow.digest)))
+            .order_by(BlobRow.last_access)
+            .limit(limit)
+        )
+        with Session(self.engine) as session:
+            return [(d, s) for d, s in session.execute(query)]
+
+    def remove_blobs(self, digests: list[str]) -> None:
+        with Session(self.engine) as session, session.begin():
+            for start in range(0, len(digests), 500):
+                session.execute(delete(BlobRow).where(BlobRow.digest.in_(digests[start : start + 500])))
+
+    def all_digests(self) -> set[str]:
+        with Session(self.engine) as session:
+            return set(session.scalars(select(BlobRow.digest)))
+
+    def record_purge(self, record: PurgeRecord) -> None:
+        with Session(self.engine) as session, session.begin():
+            session.add(PurgeRow(**record.__dict__))
+
+    def last_purge(self) -> PurgeRecord | None:
+        with Session(self.engine) as session:
+            row = session.scalars(select(PurgeRow).order_by(PurgeRow.id.desc()).limit(1)).first()
+            if row is None:
+                return None
+            return PurgeRecord(
+                row.started_at, row.finished_at, row.reason, row.blobs_removed, row.bytes_removed, row.orphan_files, row.orphan_rows
+            )
+
+    # -- pins ---------------------------------------------------------------------------------
+    def pin(self, name: str, digests: list[str]) -> None:
+        now = time.time()
+        with Session(self.engine) as session, session.begin():
+            for digest in digests:
+                session.execute(
+                    self._insert()(PinRow).values(name=name, digest=digest, created_at=now).on_conflict_do_nothing()
+                )
+
+    def unpin(self, name: str) -> None:
+        with Session(self.engine) as session, session.begin():
+            session.execute(delete(PinRow).where(PinRow.name == name))
+
+    def pinned(self) -> dict[str, set[str]]:
+        with Session(self.engine) as session:
+            pins: dict[str, set[str]] = {}
+            for name, digest in session.execute(select(PinRow.name, PinRow.digest)):
+                pins.setdefault(name, set()).add(digest)
+            return pins
+
+    # -- counters -------------------------------------------------------------------------------
+    def add_counters(self, node: str, deltas: Mapping[CounterKey, int]) -> None:
+        with Session(self.engine) as session, session.begin():
+            for key, delta in deltas.items():
+                stmt = self._insert()(CounterRow).values(node=node, source=key.source, upstream=key.upstream, name=key.name, value=delta)
+                stmt = stmt.on_conflict_do_update(
+                    index_elements=["node", "source", "upstream", "name"], set_={"value": CounterRow.value + delta}
+                )
+                session.execute(stmt)
+
+    def counters(self) -> dict[CounterKey, int]:
+        """Every node's counters, summed."""
+        with Session(self.engine) as session:
+            rows = session.execute(
+                select(CounterRow.source, CounterRow.upstream, CounterRow.name, func.sum(CounterRow.value))
+                .group_by(CounterRow.source, CounterRow.upstream, CounterRow.name)
+            )
+            return {CounterKey(source, upstream, name): int(value) for source, upstream, name, value in rows}
 
 
 def _reference(row: ReferenceRow) -> Reference:

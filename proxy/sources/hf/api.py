@@ -21,9 +21,10 @@ from starlette.responses import Response
 from proxy.config import HfConfig
 from proxy.sources.hf.access import AccessGuard
 from proxy.sources.hf.errors import HubUnavailable, UpstreamHfError
-from proxy.sources.hf.files import FOREVER, REVISIONS
+from proxy.sources.hf.files import FOREVER, REVISIONS, hub_origin
 from proxy.sources.hf.names import Repo, is_commit, quote_path, quote_revision
 from proxy.sources.hf.upstream import HubClient
+from proxy.stats import Traffic
 from proxy.store.cache import BlobCache
 from proxy.store.digest import Digest
 from proxy.store.index import Reference
@@ -62,11 +63,13 @@ def absolute_links(header: str, base_url: str) -> str:
 
 
 class ApiService:
-    def __init__(self, config: HfConfig, client: HubClient, cache: BlobCache, access: AccessGuard) -> None:
+    def __init__(self, config: HfConfig, client: HubClient, cache: BlobCache, access: AccessGuard, traffic: Traffic) -> None:
         self._config = config
         self._client = client
         self._cache = cache
         self._access = access
+        self._traffic = traffic
+        self._origin = hub_origin(config)
 
     async def auth_check(self, repo: Repo, token: str | None) -> Response:
         response = await self._client.api("GET", f"/api/{repo.api_kind}/{repo.id}/auth-check", token=token)
@@ -84,6 +87,7 @@ class ApiService:
         if ref is not None and (immutable or ref.is_fresh()):
             cached = await self._cached(ref, request)
             if cached is not None:
+                self._traffic.hit(self._origin, len(cached.body), repo.key)
                 return cached
         try:
             response = await self._client.api(
@@ -99,6 +103,7 @@ class ApiService:
             if stale is None:
                 raise
             log.warning("the Hub is unreachable: serving %s from the cache", path)
+            self._traffic.hit(self._origin, len(stale.body), repo.key)
             return stale
         if response.status_code != 200:
             raise UpstreamHfError.from_response(response)
@@ -109,7 +114,9 @@ class ApiService:
             await self._note_commit(repo, revision, parsed)
         link = mirror_links(response.headers.get("link", ""), self._client.base_url)
         digest = Digest.from_hex(hashlib.sha256(data).hexdigest())
-        await self._cache.put_small(data, digest, content_type)
+        self._traffic.miss(self._origin, repo.key)
+        self._traffic.fetched(self._origin, len(response.content))
+        await self._cache.put_small(data, digest, content_type, self._origin)
         now = time.time()
         await self._cache.put_reference(
             Reference(

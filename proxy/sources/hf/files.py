@@ -14,6 +14,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import httpx
 from starlette.requests import Request
@@ -27,8 +28,10 @@ from proxy.sources.hf.access import AccessGuard
 from proxy.sources.hf.errors import HfError, HubUnavailable, UpstreamHfError
 from proxy.sources.hf.names import Repo, is_commit
 from proxy.sources.hf.upstream import HubClient
+from proxy.stats import Traffic
 from proxy.store.cache import BlobCache
 from proxy.store.digest import Digest
+from proxy.store.fill import Origin
 from proxy.store.index import Reference
 
 log = logging.getLogger(__name__)
@@ -84,11 +87,13 @@ def normalize_etag(value: str | None) -> str:
 
 
 class FileService:
-    def __init__(self, config: HfConfig, client: HubClient, cache: BlobCache, access: AccessGuard) -> None:
+    def __init__(self, config: HfConfig, client: HubClient, cache: BlobCache, access: AccessGuard, traffic: Traffic) -> None:
         self._config = config
         self._client = client
         self._cache = cache
         self._access = access
+        self._traffic = traffic
+        self._origin = hub_origin(config)
         self._small_fetches: SingleFlight[FileMeta] = SingleFlight()
         self._heads: SingleFlight[tuple[str, FileMeta]] = SingleFlight()
 
@@ -102,7 +107,11 @@ class FileService:
         if request.method == "HEAD":
             return blob_response(None, meta.size, method="HEAD", range_header=None, headers=headers, media_type=meta.content_type)
         if not meta.lfs:
-            meta = await self._ensure_small(repo, commit, path, meta, token)
+            meta, fetched = await self._ensure_small(repo, commit, path, meta, token)
+            if fetched:
+                self._traffic.miss(self._origin, repo.key)
+            else:
+                self._traffic.hit(self._origin, meta.size, repo.key)
         return await self._serve_bytes(repo, commit, path, meta, request, token, headers)
 
     # -- revision and metadata ----------------------------------------------------------------
@@ -166,13 +175,17 @@ class FileService:
         )
 
     # -- bytes ----------------------------------------------------------------------------------
-    async def _ensure_small(self, repo: Repo, commit: str, path: str, meta: FileMeta, token: str | None) -> FileMeta:
-        """A regular file in the store, verified by its git blob sha1; its metadata now names it."""
+    async def _ensure_small(
+        self, repo: Repo, commit: str, path: str, meta: FileMeta, token: str | None
+    ) -> tuple[FileMeta, bool]:
+        """A regular file in the store, verified by its git blob sha1; its metadata now names it.
+        Also whether it had to be fetched."""
         if meta.sha256 and await self._cache.lookup(Digest.from_hex(meta.sha256)) is not None:
-            return meta
-        return await self._small_fetches.run(
+            return meta, False
+        fetched = await self._small_fetches.run(
             _file_key(repo, commit, path), lambda: self._fetch_small(repo, commit, path, meta, token)
         )
+        return fetched, True
 
     async def _fetch_small(self, repo: Repo, commit: str, path: str, meta: FileMeta, token: str | None) -> FileMeta:
         response = await self._client.get_small_file(repo, commit, path, token)
@@ -185,7 +198,8 @@ class FileService:
         if len(data) != meta.size:
             raise HfError(502, f"the Hub sent {len(data)} bytes for {path}, announced {meta.size}")
         digest = Digest.from_hex(hashlib.sha256(data).hexdigest())
-        await self._cache.put_small(data, digest, meta.content_type)
+        self._traffic.fetched(self._origin, len(data))
+        await self._cache.put_small(data, digest, meta.content_type, self._origin)
         known = FileMeta(meta.etag, meta.size, False, digest.hex, meta.content_type)
         await self._remember_file(repo, commit, path, known)
         return known
@@ -199,10 +213,13 @@ class FileService:
         try:
             blob = await self._cache.lookup(digest)
             if blob is not None:
+                if meta.lfs:
+                    self._traffic.hit(self._origin, blob.size, repo.key)
                 return blob_response(FileSource(blob), blob.size, method="GET", range_header=range_header, headers=headers, media_type=meta.content_type)
-            fill, _ = self._cache.fill(
-                digest, lambda: self._client.open_file(repo, commit, path, token), expected_size=meta.size
+            fill, joined = self._cache.fill(
+                digest, lambda: self._client.open_file(repo, commit, path, token), origin=self._origin, expected_size=meta.size
             )
+            self._traffic.miss(self._origin, repo.key, joined=joined)
             try:
                 await fill.opened()
             except HfError:
@@ -212,6 +229,10 @@ class FileService:
             return blob_response(fill, meta.size, method="GET", range_header=range_header, headers=headers, media_type=meta.content_type)
         except RangeNotSatisfiable as exc:
             raise HfError(416, "requested range not satisfiable", headers={"Content-Range": f"bytes */{exc.size}"}) from None
+
+
+def hub_origin(config: HfConfig) -> Origin:
+    return Origin("hf", urlsplit(config.url).netloc)
 
 
 def _file_key(repo: Repo, commit: str, path: str) -> str:

@@ -19,6 +19,7 @@ from proxy.sources.hf.errors import HfError, NotFound
 from proxy.sources.hf.files import FileService
 from proxy.sources.hf.names import REPO_TYPES, parse_file_path, parse_repo, parse_revision, quote_revision, raw_segments
 from proxy.sources.hf.upstream import HubClient
+from proxy.stats import Traffic
 from proxy.store.cache import BlobCache
 
 log = logging.getLogger(__name__)
@@ -27,11 +28,13 @@ _API_ACTIONS = {"revision", "tree", "paths-info", "refs", "auth-check"}
 
 
 class HfMirror:
-    def __init__(self, config: HfConfig, cache: BlobCache, http: httpx.AsyncClient, blobs: BlobTransport) -> None:
+    def __init__(
+        self, config: HfConfig, cache: BlobCache, http: httpx.AsyncClient, blobs: BlobTransport, traffic: Traffic
+    ) -> None:
         self.client = HubClient(config, http, blobs)
         self.access = AccessGuard(config, self.client, cache)
-        self.files = FileService(config, self.client, cache, self.access)
-        self.api = ApiService(config, self.client, cache, self.access)
+        self.files = FileService(config, self.client, cache, self.access, traffic)
+        self.api = ApiService(config, self.client, cache, self.access, traffic)
 
     def routes(self) -> list[BaseRoute]:
         return [

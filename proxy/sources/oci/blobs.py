@@ -11,32 +11,39 @@ from proxy.sources.oci.errors import API_VERSION_HEADER, OciError, RangeInvalid,
 from proxy.sources.oci.names import Target
 from proxy.sources.oci.upstream import RegistryClient
 from proxy.store.blobs import BlobFile
+from proxy.stats import Traffic
 from proxy.store.cache import BlobCache
-from proxy.store.fill import Fill
+from proxy.store.fill import Fill, Origin
 
 IMMUTABLE = "public, max-age=31536000, immutable"
+SOURCE = "oci"
 
 
 class BlobService:
     """Answers blob GET and HEAD for every configured registry."""
 
-    def __init__(self, cache: BlobCache, clients: dict[str, RegistryClient]) -> None:
+    def __init__(self, cache: BlobCache, clients: dict[str, RegistryClient], traffic: Traffic) -> None:
         self._cache = cache
         self._clients = clients
+        self._traffic = traffic
 
     async def serve(self, target: Target, request: Request) -> Response:
         digest = target.digest
         assert digest is not None
         headers = {**API_VERSION_HEADER, "Docker-Content-Digest": str(digest), "ETag": f'"{digest}"', "Cache-Control": IMMUTABLE}
+        origin = Origin(SOURCE, target.registry.name)
         blob = await self._cache.lookup(digest)
         if blob is not None:
+            self._traffic.hit(origin, blob.size if request.method == "GET" else 0, target.repository)
             return self._respond(FileSource(blob), blob.size, request, headers)
         client = self._clients[target.registry.name]
         if request.method == "HEAD" and self._cache.filler.inflight(digest) is None:
             upstream = await client.head_blob(target.repository, str(digest))
             size = int(upstream.headers.get("content-length", "0"))
+            self._traffic.miss(origin, target.repository)
             return self._respond(None, size, request, headers)  # HEAD sends no body
-        fill, _joined = self._cache.fill(digest, lambda: client.open_blob(target.repository, str(digest)))
+        fill, joined = self._cache.fill(digest, lambda: client.open_blob(target.repository, str(digest)), origin=origin)
+        self._traffic.miss(origin, target.repository, joined=joined)
         size = await _opened_size(fill)
         if size is None:
             # The upstream announced no length: the client gets the blob once it is whole.

@@ -16,6 +16,7 @@ from proxy.sources.oci.errors import API_VERSION_HEADER, OciError, Unsupported
 from proxy.sources.oci.manifests import ManifestService, parse_accept
 from proxy.sources.oci.names import Kind, Router, Target
 from proxy.sources.oci.upstream import BlobTransport, RegistryClient
+from proxy.stats import Traffic
 from proxy.store.cache import BlobCache
 
 log = logging.getLogger(__name__)
@@ -26,11 +27,17 @@ ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 class OciMirror:
     """A registry mirror over every configured upstream registry."""
 
-    def __init__(self, settings: Settings, cache: BlobCache, http: httpx.AsyncClient, blobs: BlobTransport) -> None:
+    def __init__(
+        self, settings: Settings, cache: BlobCache, http: httpx.AsyncClient, blobs: BlobTransport, traffic: Traffic
+    ) -> None:
         self.router = Router(settings.registries)
         self.clients = {r.name: RegistryClient(r, http, blobs) for r in settings.registries}
-        self.manifests = ManifestService(cache, self.clients)
-        self.blobs = BlobService(cache, self.clients)
+        self.manifests = ManifestService(cache, self.clients, traffic)
+        self.blobs = BlobService(cache, self.clients, traffic)
+
+    def ratelimits(self) -> dict[str, str]:
+        """Each upstream's last `ratelimit-remaining`, where it sent one."""
+        return {name: c.ratelimit_remaining for name, c in self.clients.items() if c.ratelimit_remaining is not None}
 
     def routes(self) -> list[BaseRoute]:
         return [

@@ -1,0 +1,97 @@
+"""The operator's endpoints: /stats, /metrics, the dashboard at /, and the admin actions.
+
+Admin actions need `Authorization: Bearer <admin_token>` and are off when no token is
+configured; /stats, /metrics and the dashboard are readable by anyone unless `public_stats` is
+false, in which case they need the admin token too.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict
+from importlib import resources
+from typing import Any
+
+import anyio
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from proxy.config import Settings
+from proxy.stats import Traffic
+from proxy.store.index import Index
+from proxy.store.janitor import PurgeResult
+
+Purger = Callable[..., Awaitable[PurgeResult]]
+
+
+class Operations:
+    def __init__(
+        self, settings: Settings, traffic: Traffic, index: Index, purge: Purger, ratelimits: Callable[[], dict[str, str]]
+    ) -> None:
+        self._settings = settings
+        self._traffic = traffic
+        self._index = index
+        self._purge = purge
+        self._ratelimits = ratelimits
+
+    def routes(self) -> list[BaseRoute]:
+        return [
+            Route("/", self.dashboard, methods=["GET", "HEAD"]),
+            Route("/stats", self.stats, methods=["GET", "HEAD"]),
+            Route("/metrics", self.metrics, methods=["GET", "HEAD"]),
+            Route("/admin/purge", self.purge, methods=["POST"]),
+        ]
+
+    async def report(self) -> dict[str, Any]:
+        last, pins = await anyio.to_thread.run_sync(lambda: (self._index.last_purge(), self._index.pinned()))
+        return await self._traffic.report(
+            max_size=self._settings.max_size,
+            last_purge=asdict(last) if last else None,
+            pins={name: {"blobs": len(digests)} for name, digests in sorted(pins.items())},
+            ratelimits=self._ratelimits(),
+        )
+
+    async def stats(self, request: Request) -> Response:
+        if (refusal := self._refuse(request, reading=True)) is not None:
+            return refusal
+        return JSONResponse(await self.report())
+
+    async def metrics(self, request: Request) -> Response:
+        if (refusal := self._refuse(request, reading=True)) is not None:
+            return refusal
+        await self._traffic.usage()  # refreshes the size gauges
+        return Response(self._traffic.metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def dashboard(self, request: Request) -> Response:
+        if (refusal := self._refuse(request, reading=True)) is not None:
+            return refusal
+        page = resources.files("proxy").joinpath("static/dashboard.html").read_text()
+        return HTMLResponse(page)
+
+    async def purge(self, request: Request) -> Response:
+        if (refusal := self._refuse(request, reading=False)) is not None:
+            return refusal
+        params = request.query_params
+        result = await self._purge(dry_run=params.get("dry_run") in ("1", "true"), reason="admin")
+        return JSONResponse(
+            {"dry_run": result.dry_run, "blobs_removed": len(result.removed), "bytes_removed": result.bytes_removed,
+             "orphan_files": result.orphan_files, "orphan_rows": result.orphan_rows}
+        )
+
+    def _refuse(self, request: Request, *, reading: bool) -> Response | None:
+        if reading and self._settings.public_stats:
+            return None
+        secret = self._settings.admin_secret()
+        if secret is None:
+            return JSONResponse({"error": "admin endpoints are off: no admin_token is configured"}, status_code=404)
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), secret.encode()):
+            return JSONResponse({"error": "admin token required"}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        return None
+
+
+def dumps(report: dict[str, Any]) -> str:
+    return json.dumps(report, indent=2, sort_keys=True)

@@ -1,0 +1,201 @@
+"""What the cache saves: traffic counters per source and upstream, /stats, and /metrics.
+
+Counters are kept in memory on the request path and added to the index every few seconds, so
+they survive a restart and sum over every node sharing the index; Prometheus gets the same
+events through prometheus_client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from prometheus_client import CollectorRegistry, Counter as PromCounter, Gauge, Histogram, generate_latest
+
+from proxy.store.cache import Origin
+from proxy.store.index import CounterKey, Index
+
+log = logging.getLogger(__name__)
+
+COUNTERS = ("requests", "hits", "misses", "bytes_from_cache", "bytes_from_upstream", "coalesced")
+FLUSH_SECONDS = 10.0
+HISTORY_POINTS = 1080  # three hours of 10 s points
+USAGE_SECONDS = 10.0  # how long a size/entry count from the index is reused
+TOP = 10
+
+
+@dataclass
+class _Usage:
+    at: float
+    by_origin: list[dict[str, Any]]
+    entries: int
+    bytes: int
+
+
+class Traffic:
+    """Counts requests, hits, misses, bytes and coalesced followers; also the store's fill listener."""
+
+    def __init__(self, index: Index, node: str) -> None:
+        self._index = index
+        self._node = node
+        self._pending: Counter[CounterKey] = Counter()
+        self._saved: dict[CounterKey, int] = {}
+        self._repos: Counter[tuple[str, str]] = Counter()
+        self._repo_bytes: Counter[tuple[str, str]] = Counter()
+        self._usage: _Usage | None = None
+        self._flusher: asyncio.Task[None] | None = None
+        self.history: deque[dict[str, float]] = deque(maxlen=HISTORY_POINTS)
+        self.registry = CollectorRegistry()
+        labels = ["source", "upstream"]
+        self._requests = PromCounter("pullthrough_requests", "Requests for cached content.", [*labels, "result"], registry=self.registry)
+        self._bytes = PromCounter("pullthrough_bytes", "Bytes served or fetched.", [*labels, "direction"], registry=self.registry)
+        self._coalesced = PromCounter("pullthrough_coalesced", "Requests that joined a fill in progress.", labels, registry=self.registry)
+        self._fills = Histogram(
+            "pullthrough_fill_seconds", "Time to fetch and commit one blob.", [*labels, "outcome"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600), registry=self.registry,
+        )
+        self._cache_bytes = Gauge("pullthrough_cache_bytes", "Bytes in the cache.", registry=self.registry)
+        self._cache_entries = Gauge("pullthrough_cache_entries", "Blobs in the cache.", registry=self.registry)
+        self.purges = PromCounter("pullthrough_purges", "Janitor passes.", ["reason"], registry=self.registry)
+        self.purged_bytes = PromCounter("pullthrough_purged_bytes", "Bytes removed by the janitor.", ["reason"], registry=self.registry)
+
+    # -- events, on the request path (no I/O) ---------------------------------------------------
+    def hit(self, origin: Origin, nbytes: int, repository: str | None = None) -> None:
+        self._count(origin, "requests")
+        self._count(origin, "hits")
+        self._count(origin, "bytes_from_cache", nbytes)
+        self._requests.labels(origin.source, origin.upstream, "hit").inc()
+        self._bytes.labels(origin.source, origin.upstream, "from_cache").inc(nbytes)
+        self._repo(origin, repository, nbytes)
+
+    def miss(self, origin: Origin, repository: str | None = None, *, joined: bool = False) -> None:
+        self._count(origin, "requests")
+        self._count(origin, "misses")
+        self._requests.labels(origin.source, origin.upstream, "miss").inc()
+        if joined:
+            self._count(origin, "coalesced")
+            self._coalesced.labels(origin.source, origin.upstream).inc()
+        self._repo(origin, repository, 0)
+
+    def fetched(self, origin: Origin, nbytes: int) -> None:
+        """Bytes that came from upstream (small objects; blob fills report through fill_finished)."""
+        self._count(origin, "bytes_from_upstream", nbytes)
+        self._bytes.labels(origin.source, origin.upstream, "from_upstream").inc(nbytes)
+
+    def fill_finished(self, origin: Origin, nbytes: int, seconds: float, ok: bool) -> None:
+        self.fetched(origin, nbytes)
+        self._fills.labels(origin.source, origin.upstream, "ok" if ok else "failed").observe(seconds)
+
+    def _count(self, origin: Origin, name: str, amount: int = 1) -> None:
+        self._pending[CounterKey(origin.source, origin.upstream, name)] += amount
+
+    def _repo(self, origin: Origin, repository: str | None, nbytes: int) -> None:
+        if repository:
+            key = (origin.source, f"{origin.upstream}/{repository}")
+            self._repos[key] += 1
+            self._repo_bytes[key] += nbytes
+
+    # -- persistence --------------------------------------------------------------------------------
+    def load(self) -> None:
+        """Blocking: what every node saved so far."""
+        self._saved = self._index.counters()
+
+    async def start(self) -> None:
+        await anyio.to_thread.run_sync(self.load)
+        self._flusher = asyncio.create_task(self._flush_periodically(), name="counters flush")
+
+    async def aclose(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+        await self.flush()
+
+    async def flush(self) -> None:
+        pending, self._pending = self._pending, Counter()
+        if not pending:
+            return
+        try:
+            await anyio.to_thread.run_sync(self._index.add_counters, self._node, dict(pending))
+        except Exception:
+            self._pending.update(pending)  # try again next time
+            raise
+        for key, value in pending.items():
+            self._saved[key] = self._saved.get(key, 0) + value
+
+    async def _flush_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_SECONDS)
+            self._sample()
+            try:
+                await self.flush()
+            except Exception:
+                log.exception("could not save counters")
+
+    def _sample(self) -> None:
+        """A point of the dashboard's charts (kept in memory: the last few hours)."""
+        totals: Counter[str] = Counter()
+        for key, value in self.totals().items():
+            totals[key.name] += value
+        self.history.append({"t": round(time.time(), 1), **{name: totals[name] for name in COUNTERS}})
+
+    # -- reports -------------------------------------------------------------------------------------
+    def totals(self) -> dict[CounterKey, int]:
+        merged = dict(self._saved)
+        for key, value in self._pending.items():
+            merged[key] = merged.get(key, 0) + value
+        return merged
+
+    async def usage(self) -> _Usage:
+        if self._usage is None or time.monotonic() - self._usage.at > USAGE_SECONDS:
+            rows = await anyio.to_thread.run_sync(self._index.usage)
+            by_origin = [
+                {"source": r.source or "unknown", "upstream": r.upstream or "unknown", "entries": r.entries, "bytes": r.bytes}
+                for r in rows
+            ]
+            self._usage = _Usage(time.monotonic(), by_origin, sum(r.entries for r in rows), sum(r.bytes for r in rows))
+            self._cache_bytes.set(self._usage.bytes)
+            self._cache_entries.set(self._usage.entries)
+        return self._usage
+
+    async def report(
+        self, *, max_size: int | None, last_purge: dict[str, Any] | None, pins: dict[str, Any], ratelimits: dict[str, str]
+    ) -> dict[str, Any]:
+        totals = self.totals()
+        usage = await self.usage()
+        report: dict[str, Any] = {name: 0 for name in COUNTERS}
+        per_source: dict[str, dict[str, int]] = {}
+        per_upstream: dict[str, dict[str, Any]] = {}
+        for key, value in totals.items():
+            if key.name not in COUNTERS:
+                continue
+            report[key.name] += value
+            per_source.setdefault(key.source, {n: 0 for n in COUNTERS})[key.name] += value
+            entry = per_upstream.setdefault(f"{key.source}:{key.upstream}", {"source": key.source, "upstream": key.upstream, **{n: 0 for n in COUNTERS}})
+            entry[key.name] += value
+        for name, remaining in ratelimits.items():
+            per_upstream.setdefault(f"oci:{name}", {"source": "oci", "upstream": name, **{n: 0 for n in COUNTERS}})["ratelimit_remaining"] = remaining
+        served = report["hits"] + report["misses"]
+        report.update(
+            {
+                "hit_ratio": round(report["hits"] / served, 4) if served else None,
+                "cache": {"bytes": usage.bytes, "entries": usage.entries, "max_size": max_size, "by_origin": usage.by_origin},
+                "per_source": per_source,
+                "per_upstream": list(per_upstream.values()),
+                "top_repositories": [
+                    {"source": source, "repository": repo, "requests": count, "bytes_from_cache": self._repo_bytes[(source, repo)]}
+                    for (source, repo), count in self._repos.most_common(TOP)
+                ],
+                "last_purge": last_purge,
+                "pins": pins,
+                "ratelimit_remaining": ratelimits,
+                "history": list(self.history),
+            }
+        )
+        return report
+
+    def metrics(self) -> bytes:
+        return generate_latest(self.registry)

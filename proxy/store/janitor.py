@@ -1,0 +1,186 @@
+"""The janitor: TTL and size purges, the orphan sweep, and the integrity scrub.
+
+TTLs count from the last access, per source and upstream where configured; the size cap and
+the free-space floor evict least recently used blobs first; pinned blobs never go, nor anything
+read within the grace period. Rows go before files, and the sweep reconciles both after any
+crash: a file without a row is adopted (files reach blobs/ only after verification), a row
+without a file is dropped. Everything here blocks; the server runs it in a worker thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+
+from proxy.store.blobs import BlobStore
+from proxy.store.digest import Digest, InvalidDigest
+from proxy.store.index import Index, PurgeRecord
+
+log = logging.getLogger(__name__)
+
+BATCH = 5000
+
+
+@dataclass(frozen=True)
+class TtlRule:
+    """Blobs of one source (and upstream, if given) unused for `ttl` seconds are purged."""
+
+    source: str
+    upstream: str | None
+    ttl: float
+
+
+@dataclass(frozen=True)
+class Policy:
+    default_ttl: float
+    rules: tuple[TtlRule, ...] = ()
+    max_size: int | None = None
+    min_free: int | None = None
+    grace: float = 120.0  # never remove what was read this recently (a reader may be opening it)
+
+
+@dataclass
+class PurgeResult:
+    removed: list[tuple[str, int]] = field(default_factory=list)
+    orphan_files: int = 0
+    orphan_rows: int = 0
+    dry_run: bool = False
+
+    @property
+    def bytes_removed(self) -> int:
+        return sum(size for _, size in self.removed)
+
+
+class Janitor:
+    def __init__(self, store: BlobStore, index: Index, policy: Policy) -> None:
+        self.store = store
+        self.index = index
+        self.policy = policy
+
+    def purge(
+        self,
+        *,
+        dry_run: bool = False,
+        older_than: float | None = None,
+        to_size: int | None = None,
+        reason: str = "periodic",
+        now: float | None = None,
+    ) -> PurgeResult:
+        """One pass: sweep orphans, then expired blobs, then the least recently used above the cap."""
+        started = time.time()
+        now = now if now is not None else started
+        result = PurgeResult(dry_run=dry_run)
+        if not dry_run:
+            result.orphan_files, result.orphan_rows = self.sweep()
+        chosen: dict[str, int] = {}
+        for digest, size in self._expired(now, older_than):
+            chosen[digest] = size
+        for digest, size in self._over_capacity(now, to_size, chosen):
+            chosen[digest] = size
+        result.removed = list(chosen.items())
+        if not dry_run:
+            self._remove(list(chosen))
+            self.index.record_purge(
+                PurgeRecord(started, time.time(), reason, len(chosen), result.bytes_removed, result.orphan_files, result.orphan_rows)
+            )
+        log.info(
+            "purge (%s)%s: %d blobs, %d bytes; orphans: %d files adopted, %d rows dropped",
+            reason, " dry run" if dry_run else "", len(chosen), result.bytes_removed, result.orphan_files, result.orphan_rows,
+        )
+        return result
+
+    def _expired(self, now: float, older_than: float | None) -> list[tuple[str, int]]:
+        if older_than is not None:
+            return self._all_unused_since(now - older_than, None, None, [])
+        found: list[tuple[str, int]] = []
+        for rule in self.policy.rules:
+            found += self._all_unused_since(now - rule.ttl, rule.source, rule.upstream, [])
+        exclude = [(r.source, r.upstream) for r in self.policy.rules]
+        found += self._all_unused_since(now - self.policy.default_ttl, None, None, exclude)
+        return found
+
+    def _all_unused_since(
+        self, cutoff: float, source: str | None, upstream: str | None, exclude: list[tuple[str | None, str | None]]
+    ) -> list[tuple[str, int]]:
+        cutoff = min(cutoff, time.time() - self.policy.grace)
+        return self.index.unused_since(cutoff, source=source, upstream=upstream, exclude=exclude, limit=10**9)
+
+    def _over_capacity(self, now: float, to_size: int | None, chosen: dict[str, int]) -> list[tuple[str, int]]:
+        cap = to_size if to_size is not None else self.policy.max_size
+        total = sum(u.bytes for u in self.index.usage()) - sum(chosen.values())
+        excess = total - cap if cap is not None else 0
+        if self.policy.min_free is not None:
+            free = shutil.disk_usage(self.store.root).free + sum(chosen.values())
+            excess = max(excess, self.policy.min_free - free)
+        taken: dict[str, int] = {}
+        limit = len(chosen) + BATCH
+        while excess > 0:
+            candidates = self.index.least_recently_used(accessed_before=now - self.policy.grace, limit=limit)
+            for digest, size in candidates:
+                if excess <= 0:
+                    break
+                if digest not in chosen and digest not in taken:
+                    taken[digest] = size
+                    excess -= size
+            if len(candidates) < limit:
+                break  # nothing more may go: the rest is pinned or in use
+            limit *= 2
+        return list(taken.items())
+
+    def _remove(self, digests: list[str]) -> None:
+        # Rows first: a crash in between leaves files without rows, which the sweep adopts or
+        # the next purge removes; never a row that points at nothing for long.
+        self.index.remove_blobs(digests)
+        for digest in digests:
+            try:
+                self.store.path_for(Digest.parse(digest)).unlink()
+            except (FileNotFoundError, InvalidDigest):
+                pass
+
+    def sweep(self) -> tuple[int, int]:
+        """Make the index and the files agree: (files adopted, rows dropped)."""
+        on_disk = dict(self._files())
+        indexed = self.index.all_digests()
+        orphans = [d for d in on_disk if d not in indexed]
+        for digest in orphans:
+            self.index.add_blob(digest, on_disk[digest], source="unknown", upstream="unknown")
+        dangling = [d for d in indexed if d not in on_disk]
+        if dangling:
+            self.index.remove_blobs(dangling)
+        return len(orphans), len(dangling)
+
+    def _files(self) -> list[tuple[str, int]]:
+        found = []
+        root = self.store.blobs_dir / "sha256"
+        if not root.is_dir():
+            return found
+        for shard in os.scandir(root):
+            if not shard.is_dir(follow_symlinks=False):
+                continue
+            for entry in os.scandir(shard.path):
+                if entry.is_file(follow_symlinks=False):
+                    try:
+                        digest = Digest.from_hex(entry.name)
+                    except InvalidDigest:
+                        continue
+                    found.append((str(digest), entry.stat(follow_symlinks=False).st_size))
+        return found
+
+    def verify(self, *, repair: bool = False) -> list[str]:
+        """Rehash every blob; the digests that no longer match (removed when `repair`)."""
+        bad = []
+        for digest, _ in self._files():
+            path = self.store.path_for(Digest.parse(digest))
+            hasher = hashlib.sha256()
+            with open(path, "rb") as f:
+                while chunk := f.read(4 * 1024 * 1024):
+                    hasher.update(chunk)
+            if f"sha256:{hasher.hexdigest()}" != digest:
+                bad.append(digest)
+        if repair and bad:
+            self._remove(bad)
+        return bad
