@@ -29,8 +29,14 @@ def toml_value(value: object) -> str:
 
 
 def render_config(settings: dict, registries: list[dict]) -> str:
-    """The TOML text for top-level `settings` plus one `[[registries]]` table per entry."""
-    lines = [f"{key} = {toml_value(value)}" for key, value in settings.items() if value is not None]
+    """The TOML text for top-level `settings` (a dict value becomes a table, e.g. `hf={...}` is
+    `[hf]`) plus one `[[registries]]` table per entry."""
+    scalars = {k: v for k, v in settings.items() if v is not None and not isinstance(v, dict)}
+    tables = {k: v for k, v in settings.items() if isinstance(v, dict)}
+    lines = [f"{key} = {toml_value(value)}" for key, value in scalars.items()]
+    for name, table in tables.items():
+        lines += ["", f"[{name}]"]
+        lines += [f"{key} = {toml_value(value)}" for key, value in table.items() if value is not None]
     for registry in registries:
         lines += ["", "[[registries]]"]
         lines += [f"{key} = {toml_value(value)}" for key, value in registry.items() if value is not None]
