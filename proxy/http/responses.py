@@ -99,7 +99,7 @@ def blob_response(
 ) -> Response:
     """200 or 206 for GET and HEAD; raises RangeNotSatisfiable for the source to word as it likes."""
     byte_range = parse_range(range_header, size)
-    out = {"accept-ranges": "bytes", **headers, "content-type": media_type}
+    out = {"accept-ranges": "bytes", **{k.lower(): v for k, v in headers.items()}, "content-type": media_type}
     status = 200
     span = ByteRange(0, size)
     if byte_range is not None:

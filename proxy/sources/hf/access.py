@@ -1,9 +1,10 @@
-"""Who may read what: public repos for anyone, gated and private repos only for callers the Hub accepts.
+"""Who may read what, as on the Hub: public repos for anyone; a gated repo's metadata for anyone
+but its files only for callers the Hub accepts; a private repo only for callers the Hub accepts.
 
-A repo's visibility (public, or gated/private) is learned from its public metadata and kept in
-the index, so that a restart without the Hub still serves public repos. For a restricted repo the
-caller's own token is checked with the Hub's auth-check, remembered per (token hash, repo) for
-`access_ttl`; when the check cannot be made, access is refused.
+A repo's visibility (public, gated or private) is learned from its metadata and kept in the
+index, so that a restart without the Hub still serves public repos. Where a caller must be
+accepted, its own token is checked with the Hub's auth-check, remembered per (token hash, repo)
+for `access_ttl`; when the check cannot be made, access is refused.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from proxy.store.index import Reference
 log = logging.getLogger(__name__)
 
 SOURCE = "hf-repo"
+PUBLIC, GATED, PRIVATE = "public", "gated", "private"
 
 
 class AccessGuard:
@@ -31,9 +33,10 @@ class AccessGuard:
         self._cache = cache
         self._decisions: dict[tuple[str, str], tuple[float, HfError | None]] = {}
 
-    async def check(self, repo: Repo, token: str | None) -> None:
-        """Return if the caller may read the repo; raise the Hub's refusal otherwise."""
-        if await self.is_public(repo):
+    async def check(self, repo: Repo, token: str | None, *, files: bool) -> None:
+        """Return if the caller may read the repo's files (or only its metadata); raise the Hub's refusal otherwise."""
+        visibility = await self.visibility(repo)
+        if visibility == PUBLIC or (visibility == GATED and not files):
             return
         key = (_token_hash(token), repo.key)
         now = time.monotonic()
@@ -45,28 +48,28 @@ class AccessGuard:
         if decided[1] is not None:
             raise decided[1]
 
-    async def is_public(self, repo: Repo) -> bool:
+    async def visibility(self, repo: Repo) -> str:
         ref = await self._cache.get_reference(SOURCE, repo.key)
         if ref is not None and ref.is_fresh():
-            return bool(ref.meta.get("public"))
+            return str(ref.meta.get("visibility", PRIVATE))
         try:
             response = await self._client.api("GET", f"/api/{repo.api_kind}/{repo.id}", token=self._config.service_token())
         except HubUnavailable:
-            if ref is not None:
-                return bool(ref.meta.get("public"))  # last known, while the Hub is away
-            return False  # unknown: treat as restricted, which fails closed below
-        public = False
+            # Last known while the Hub is away; unknown counts as private, which fails closed.
+            return str(ref.meta.get("visibility", PRIVATE)) if ref is not None else PRIVATE
+        visibility = PRIVATE
         if response.status_code == 200:
             try:
                 info = response.json()
-                public = info.get("private") is False and not info.get("gated")
+                if info.get("private") is False:
+                    visibility = GATED if info.get("gated") else PUBLIC
             except ValueError:
-                public = False
+                pass
         now = time.time()
         await self._cache.put_reference(
-            Reference(SOURCE, repo.key, digest="", fetched_at=now, expires_at=now + self._config.revision_ttl, meta={"public": public})
+            Reference(SOURCE, repo.key, digest="", fetched_at=now, expires_at=now + self._config.revision_ttl, meta={"visibility": visibility})
         )
-        return public
+        return visibility
 
     async def _ask_hub(self, repo: Repo, token: str | None) -> HfError | None:
         try:

@@ -79,7 +79,7 @@ class ApiService:
 
     async def answer(self, repo: Repo, path: str, revision: str | None, request: Request, token: str | None) -> Response:
         """Any cacheable API call: `path` is the upstream path after the host."""
-        await self._access.check(repo, token)
+        await self._access.check(repo, token, files=False)
         body = await request.body() if request.method == "POST" else b""
         key = _cache_key(request.method, path, request.query_params.multi_items(), body)
         immutable = revision is not None and is_commit(revision)

@@ -42,8 +42,13 @@ class UpstreamHfError(HfError):
 
     @classmethod
     def from_response(cls, response: httpx.Response) -> UpstreamHfError:
-        body = b"" if response.request.method == "HEAD" else response.content
-        return cls(response.status_code, response.headers, body)
+        if response.request.method == "HEAD":
+            error = cls(response.status_code, response.headers, b"")
+            # A HEAD answer announces the length of the body a GET would get, as the Hub's does.
+            if "content-length" in response.headers:
+                error.replay_headers["content-length"] = response.headers["content-length"]
+            return error
+        return cls(response.status_code, response.headers, response.content)
 
     def response(self) -> Response:
         return Response(self.body, status_code=self.status, headers=self.replay_headers)

@@ -98,7 +98,7 @@ class FileService:
         self._heads: SingleFlight[tuple[str, FileMeta]] = SingleFlight()
 
     async def resolve(self, repo: Repo, revision: str, path: str, request: Request, token: str | None) -> Response:
-        await self._access.check(repo, token)
+        await self._access.check(repo, token, files=True)
         commit, meta = await self._locate(repo, revision, path, token)
         headers = {"X-Repo-Commit": commit}
         if meta.missing:

@@ -7,6 +7,7 @@ or stored.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping
 
 import anyio
@@ -21,6 +22,9 @@ RETRIES = 2
 RETRY_BACKOFF = (0.2, 1.0)
 RETRY_STATUSES = {502, 503, 504}
 MAX_REDIRECTS = 5
+# After the Hub failed, requests fail at once for this long instead of each retrying: cached
+# answers are served without a second's wait per file during an outage.
+OUTAGE_SECONDS = 10.0
 
 
 def bearer(token: str | None) -> dict[str, str]:
@@ -35,6 +39,15 @@ class HubClient:
         self.base_url = config.base_url
         self._http = http
         self._blobs = blobs
+        self._down_until = 0.0
+
+    def _check_outage(self) -> None:
+        if time.monotonic() < self._down_until:
+            raise HubUnavailable("the Hub was unreachable moments ago")
+
+    def _outage(self, message: str) -> HubUnavailable:
+        self._down_until = time.monotonic() + OUTAGE_SECONDS
+        return HubUnavailable(message)
 
     def resolve_url(self, repo: Repo, revision: str, path: str) -> str:
         return f"{self.base_url}/{repo.url_prefix}{repo.id}/resolve/{quote_revision(revision)}/{quote_path(path)}"
@@ -67,6 +80,7 @@ class HubClient:
         """A large file's body, open, for the store to read in a worker thread."""
         url = self.resolve_url(repo, commit, path)
         authorization = f"Bearer {token}" if token else None
+        self._check_outage()
         for attempt in range(RETRIES + 1):
             try:
                 response = await anyio.to_thread.run_sync(self._blobs.get, url, authorization)
@@ -74,7 +88,7 @@ class HubClient:
                 if attempt < RETRIES:
                     await asyncio.sleep(RETRY_BACKOFF[min(attempt, len(RETRY_BACKOFF) - 1)])
                     continue
-                raise HubUnavailable(f"the Hub is unreachable: {exc}") from None
+                raise self._outage(f"the Hub is unreachable: {exc}") from None
             if 200 <= response.status < 300:
                 return BlobDownload(response)
             body = await anyio.to_thread.run_sync(small_body, response)
@@ -82,7 +96,7 @@ class HubClient:
                 await asyncio.sleep(RETRY_BACKOFF[min(attempt, len(RETRY_BACKOFF) - 1)])
                 continue
             if response.status >= 500:
-                raise HubUnavailable(f"the Hub answered {response.status}")
+                raise self._outage(f"the Hub answered {response.status}")
             raise UpstreamHfError(response.status, dict(response.headers), body)
         raise HubUnavailable("the Hub kept failing")
 
@@ -114,6 +128,7 @@ class HubClient:
         follow: bool = False,
     ) -> httpx.Response:
         idempotent = method in ("GET", "HEAD")
+        self._check_outage()
         for attempt in range(RETRIES + 1):
             try:
                 response = await self._http.request(
@@ -123,11 +138,14 @@ class HubClient:
                 if idempotent and attempt < RETRIES:
                     await asyncio.sleep(RETRY_BACKOFF[min(attempt, len(RETRY_BACKOFF) - 1)])
                     continue
-                raise HubUnavailable(f"the Hub is unreachable: {type(exc).__name__}") from None
+                raise self._outage(f"the Hub is unreachable: {type(exc).__name__}") from None
             if response.status_code in RETRY_STATUSES and idempotent and attempt < RETRIES:
                 await asyncio.sleep(RETRY_BACKOFF[min(attempt, len(RETRY_BACKOFF) - 1)])
                 continue
-            if response.status_code >= 500 or response.status_code == 429:
-                raise HubUnavailable(f"the Hub answered {response.status_code}")
+            if response.status_code >= 500:
+                raise self._outage(f"the Hub answered {response.status_code}")
+            if response.status_code == 429:
+                raise HubUnavailable("the Hub is rate-limiting")
+            self._down_until = 0.0
             return response
         raise HubUnavailable("the Hub kept failing")
