@@ -125,6 +125,7 @@ async def test_concurrent_misses_share_one_upstream_stream(cache: BlobCache) -> 
     bodies = await asyncio.gather(*readers)
     assert upstream.opens == 1
     assert all(body == data for body in bodies)
+    assert await fills[0][0].finished() is not None  # readers may finish before the rename
     assert (await cache.lookup(digest)) is not None
     await cache.aclose()
 
