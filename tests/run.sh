@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 export DEBIAN_FRONTEND=noninteractive
-packages=(docker-registry skopeo containerd podman docker.io nginx-light uidmap)
+packages=(docker-registry skopeo containerd podman docker.io nginx-light uidmap chromium)
 
 as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo -n "$@"; else "$@"; fi
