@@ -5,12 +5,23 @@ Redirects are followed by hand so that credentials never reach another origin (a
 
 from __future__ import annotations
 
+import asyncio
 import urllib.request
 from urllib.parse import urljoin, urlsplit
 
 import urllib3
 
 TIMEOUT = urllib3.Timeout(connect=10.0, read=60.0)
+# Idempotent upstream requests are tried again this often on a connection error or one of these
+# statuses, after a short pause: enough to ride out a restart, short enough that a client's own
+# timeout does not fire first.
+RETRIES = 2
+RETRY_STATUSES = frozenset({502, 503, 504})
+_BACKOFF = (0.2, 1.0)
+
+
+async def retry_pause(attempt: int) -> None:
+    await asyncio.sleep(_BACKOFF[min(attempt, len(_BACKOFF) - 1)])
 
 
 class TransferFailed(Exception):

@@ -6,7 +6,6 @@ or stored.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Mapping
 
@@ -14,13 +13,10 @@ import anyio
 import httpx
 
 from proxy.config import HfConfig
-from proxy.http.download import BlobDownload, BlobTransport, TransferFailed, small_body
+from proxy.http.download import RETRIES, RETRY_STATUSES, BlobDownload, BlobTransport, TransferFailed, retry_pause, small_body
 from proxy.sources.hf.errors import HubUnavailable, UpstreamHfError
 from proxy.sources.hf.names import Repo, quote_path, quote_revision
 
-RETRIES = 2
-RETRY_BACKOFF = (0.2, 1.0)
-RETRY_STATUSES = {502, 503, 504}
 MAX_REDIRECTS = 5
 # After the Hub failed, requests fail at once for this long instead of each retrying: cached
 # answers are served without a second's wait per file during an outage.
@@ -86,14 +82,14 @@ class HubClient:
                 response = await anyio.to_thread.run_sync(self._blobs.get, url, authorization)
             except TransferFailed as exc:
                 if attempt < RETRIES:
-                    await asyncio.sleep(RETRY_BACKOFF[min(attempt, len(RETRY_BACKOFF) - 1)])
+                    await retry_pause(attempt)
                     continue
                 raise self._outage(f"the Hub is unreachable: {exc}") from None
             if 200 <= response.status < 300:
                 return BlobDownload(response)
             body = await anyio.to_thread.run_sync(small_body, response)
             if response.status in RETRY_STATUSES and attempt < RETRIES:
-                await asyncio.sleep(RETRY_BACKOFF[min(attempt, len(RETRY_BACKOFF) - 1)])
+                await retry_pause(attempt)
                 continue
             if response.status >= 500:
                 raise self._outage(f"the Hub answered {response.status}")
@@ -136,11 +132,11 @@ class HubClient:
                 )
             except httpx.TransportError as exc:
                 if idempotent and attempt < RETRIES:
-                    await asyncio.sleep(RETRY_BACKOFF[min(attempt, len(RETRY_BACKOFF) - 1)])
+                    await retry_pause(attempt)
                     continue
                 raise self._outage(f"the Hub is unreachable: {type(exc).__name__}") from None
             if response.status_code in RETRY_STATUSES and idempotent and attempt < RETRIES:
-                await asyncio.sleep(RETRY_BACKOFF[min(attempt, len(RETRY_BACKOFF) - 1)])
+                await retry_pause(attempt)
                 continue
             if response.status_code >= 500:
                 raise self._outage(f"the Hub answered {response.status_code}")

@@ -20,7 +20,7 @@ import anyio
 import httpx
 
 from proxy.config import RegistryConfig
-from proxy.http.download import BlobDownload, BlobTransport, TransferFailed, small_body
+from proxy.http.download import RETRIES, RETRY_STATUSES, BlobDownload, BlobTransport, TransferFailed, retry_pause, small_body
 from proxy.sources.oci.errors import (
     BY_CODE,
     BlobUnknown,
@@ -35,9 +35,6 @@ from proxy.sources.oci.errors import (
 
 log = logging.getLogger(__name__)
 
-RETRIES = 2
-RETRY_BACKOFF = (0.2, 1.0)
-RETRY_STATUSES = {502, 503, 504}
 
 _CHALLENGE_PARAM = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
 
@@ -124,7 +121,7 @@ class RegistryClient:
                 response = await anyio.to_thread.run_sync(self._blobs.get, url, auth)
             except TransferFailed as exc:
                 if attempt < RETRIES:
-                    await asyncio.sleep(RETRY_BACKOFF[min(attempt, len(RETRY_BACKOFF) - 1)])
+                    await retry_pause(attempt)
                     continue
                 raise UpstreamUnavailable(f"{self.registry.name} unreachable: {exc}") from None
             self._note_ratelimit(response.headers)
@@ -138,7 +135,7 @@ class RegistryClient:
                     refreshed = True
                     continue
             if response.status in RETRY_STATUSES and attempt < RETRIES:
-                await asyncio.sleep(RETRY_BACKOFF[min(attempt, len(RETRY_BACKOFF) - 1)])
+                await retry_pause(attempt)
                 continue
             raise self._error_from(response.status, content, BlobUnknown)
         raise UpstreamUnavailable(f"{self.registry.name} kept failing")
@@ -165,12 +162,12 @@ class RegistryClient:
                 response = await self._send_authorized(method, url, headers, params, scope)
             except httpx.TransportError as exc:
                 if attempt < RETRIES:
-                    await asyncio.sleep(RETRY_BACKOFF[min(attempt, len(RETRY_BACKOFF) - 1)])
+                    await retry_pause(attempt)
                     continue
                 raise UpstreamUnavailable(f"{self.registry.name} unreachable: {type(exc).__name__}") from None
             self._note_ratelimit(response.headers)
             if response.status_code in RETRY_STATUSES and attempt < RETRIES:
-                await asyncio.sleep(RETRY_BACKOFF[min(attempt, len(RETRY_BACKOFF) - 1)])
+                await retry_pause(attempt)
                 continue
             if response.is_success:
                 return response
