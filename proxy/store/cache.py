@@ -129,7 +129,14 @@ class BlobCache:
         self, digest: Digest, opener: Opener, *, origin: Origin, expected_size: int | None = None
     ) -> tuple[Fill, bool]:
         """Start fetching the digest, or follow the fetch already running; (fill, joined)."""
-        return self.filler.start_or_follow(digest, opener, origin=origin, expected_size=expected_size)
+        return self.filler.start_or_follow(str(digest), opener, origin=origin, digest=digest, expected_size=expected_size)
+
+    def fill_unnamed(
+        self, key: str, opener: Opener, *, origin: Origin, expected_size: int | None = None
+    ) -> tuple[Fill, bool]:
+        """Fetch bytes whose digest is not known beforehand (an S3 object, a web file), once per
+        `key`; the fill's digest is what they hash to, set when they are complete."""
+        return self.filler.start_or_follow(key, opener, origin=origin, expected_size=expected_size)
 
     async def _record_commit(self, blob: BlobFile, origin: Origin) -> None:
         try:

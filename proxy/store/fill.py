@@ -16,7 +16,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -56,7 +56,17 @@ class UpstreamBody(Protocol):
         ...
 
 
-Opener = Callable[[], Awaitable[UpstreamBody]]
+class AsyncUpstreamBody(Protocol):
+    """An upstream response read by an async client; `close` is still called from a thread."""
+
+    size: int | None
+
+    def chunks(self) -> AsyncIterator[bytes]: ...
+
+    def close(self) -> None: ...
+
+
+Opener = Callable[[], Awaitable[UpstreamBody | AsyncUpstreamBody]]
 CommitHook = Callable[[BlobFile, "Origin"], Awaitable[None]]
 
 
@@ -90,9 +100,14 @@ class FillStats:
 
 
 class Fill:
-    """One digest being fetched. Readers wait on it with `opened()` and `read()`."""
+    """One blob being fetched. Readers wait on it with `opened()` and `readable()`.
 
-    def __init__(self, digest: Digest) -> None:
+    `digest` is known up front for content-addressed upstreams (OCI, LFS) and verified at the end;
+    for others (S3 objects, web files) it is what the bytes hash to, set when they are complete.
+    """
+
+    def __init__(self, key: str, digest: Digest | None) -> None:
+        self.key = key
         self.digest = digest
         self.state = FillState.OPENING
         self.size: int | None = None
@@ -158,7 +173,7 @@ class Fill:
         if self.state is FillState.STREAMING and self._temp is not None and not self._discarding:
             # dup, not open by path: the temp file is renamed on commit, the inode stays.
             return os.dup(self._temp.fd)
-        raise FillFailed(f"fill of {self.digest} failed: {self.error}")
+        raise FillFailed(f"fill of {self.key} failed: {self.error}")
 
     async def readable(self, pos: int, end: int) -> int:
         """Wait until bytes past `pos` are on disk; how far [pos, end) may be read now.
@@ -168,7 +183,7 @@ class Fill:
         hold_back = 1 if self.size is None or end >= self.size else 0
         while True:
             if self.state is FillState.FAILED:
-                raise FillFailed(f"fill of {self.digest} failed: {self.error}")
+                raise FillFailed(f"fill of {self.key} failed: {self.error}")
             done = self.state is FillState.COMMITTED or self.verified
             limit = end if done else min(self.written, end - hold_back)
             if limit > pos:
@@ -177,49 +192,56 @@ class Fill:
 
 
 class Filler:
-    """Starts at most one fill per digest in this process and lets every other request follow it."""
+    """Starts at most one fill per key (a digest, or a source's name for a version of an object) in
+    this process and lets every other request follow it."""
 
     def __init__(self, store: BlobStore, on_commit: CommitHook, listener: FillListener | None = None) -> None:
         self._store = store
         self._on_commit = on_commit
         self._listener = listener
-        self._inflight: dict[Digest, Fill] = {}
+        self._inflight: dict[str, Fill] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def inflight(self, digest: Digest) -> Fill | None:
-        return self._inflight.get(digest)
+    def inflight(self, key: str) -> Fill | None:
+        return self._inflight.get(key)
 
     def start_or_follow(
-        self, digest: Digest, opener: Opener, *, origin: Origin, expected_size: int | None = None
+        self, key: str, opener: Opener, *, origin: Origin, digest: Digest | None = None, expected_size: int | None = None
     ) -> tuple[Fill, bool]:
-        """The fill for this digest, and whether this call joined one already running."""
-        fill = self._inflight.get(digest)
+        """The fill for this key, and whether this call joined one already running."""
+        fill = self._inflight.get(key)
         if fill is not None:
             fill.stats.followers += 1
             return fill, True
-        fill = Fill(digest)
-        self._inflight[digest] = fill
-        task = asyncio.create_task(self._run(fill, opener, origin, expected_size), name=f"fill {digest}")
+        fill = Fill(key, digest)
+        self._inflight[key] = fill
+        task = asyncio.create_task(self._run(fill, opener, origin, expected_size), name=f"fill {key}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return fill, False
 
     async def _run(self, fill: Fill, opener: Opener, origin: Origin, expected_size: int | None) -> None:
         temp: TempBlob | None = None
-        body: UpstreamBody | None = None
+        body: UpstreamBody | AsyncUpstreamBody | None = None
         try:
             # A fill that committed between the caller's lookup and now must not fetch again.
-            existing = await anyio.to_thread.run_sync(self._store.stat, fill.digest)
-            if existing is not None:
-                fill._commit(existing)
-                return
+            if fill.digest is not None:
+                existing = await anyio.to_thread.run_sync(self._store.stat, fill.digest)
+                if existing is not None:
+                    fill._commit(existing)
+                    return
             body = await opener()
             size = body.size if body.size is not None else expected_size
             if expected_size is not None and size != expected_size:
-                raise FillFailed(f"{fill.digest}: upstream announced {size} bytes, expected {expected_size}")
+                raise FillFailed(f"{fill.key}: upstream announced {size} bytes, expected {expected_size}")
             temp = await anyio.to_thread.run_sync(lambda: self._store.new_temp(hash_in_background=True))
             fill._set_open(temp, size)
-            await self._copy(fill, body, temp)
+            if hasattr(body, "chunks"):
+                await self._copy_async(fill, body, temp)
+            else:
+                await self._copy(fill, body, temp)
+            if fill.digest is None:
+                fill.digest = Digest.from_hex(await anyio.to_thread.run_sync(temp.hexdigest))
             await anyio.to_thread.run_sync(self._store.verify, temp, fill.digest, size)
             fill._verified()  # readers may take the last byte now; fsync and rename need not hold them
             blob = await anyio.to_thread.run_sync(self._store.commit, temp, fill.digest, size)
@@ -229,7 +251,9 @@ class Filler:
             seconds = time.monotonic() - fill.stats.started_at
             if self._listener is not None:
                 self._listener.fill_finished(origin, blob.size, seconds, True)
-            log.info("filled %s from %s (%d bytes in %.2fs, %d followers)", fill.digest, origin.upstream, blob.size, seconds, fill.stats.followers)
+            log.info(
+                "filled %s from %s (%d bytes in %.2fs, %d followers)", fill.key, origin.upstream, blob.size, seconds, fill.stats.followers
+            )
         except BaseException as exc:  # noqa: BLE001 - the fill must never leave readers waiting
             if temp is not None:
                 fill._discarding = True
@@ -238,11 +262,11 @@ class Filler:
             if self._listener is not None and temp is not None:
                 self._listener.fill_finished(origin, temp.written, time.monotonic() - fill.stats.started_at, False)
             if not isinstance(exc, asyncio.CancelledError):
-                log.warning("fill of %s failed: %s", fill.digest, exc)
+                log.warning("fill of %s failed: %s", fill.key, exc)
             if isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt, SystemExit)):
                 raise
         finally:
-            self._inflight.pop(fill.digest, None)
+            self._inflight.pop(fill.key, None)
             if body is not None:
                 await anyio.to_thread.run_sync(body.close)
 
@@ -265,7 +289,7 @@ class Filler:
                 if temp.written - told >= NOTIFY_BYTES or now - told_at >= NOTIFY_SECONDS:
                     told, told_at = temp.written, now
                     loop.call_soon_threadsafe(fill._advance, told)
-            raise FillFailed(f"fill of {fill.digest} was cancelled")
+            raise FillFailed(f"fill of {fill.key} was cancelled")
 
         copying = loop.run_in_executor(_FILL_THREADS, copy)
         try:
@@ -275,6 +299,20 @@ class Filler:
             body.abort()
             await asyncio.gather(copying, return_exceptions=True)
             raise
+        fill._advance(temp.written)
+
+    @staticmethod
+    async def _copy_async(fill: Fill, body: AsyncUpstreamBody, temp: TempBlob) -> None:
+        """For upstreams read by an async client (aioboto3): 4 MiB batches written in a thread."""
+        batch = bytearray()
+        async for chunk in body.chunks():
+            batch += chunk
+            if len(batch) >= READ_CHUNK:
+                await anyio.to_thread.run_sync(temp.append, bytes(batch))
+                batch.clear()
+                fill._advance(temp.written)
+        if batch:
+            await anyio.to_thread.run_sync(temp.append, bytes(batch))
         fill._advance(temp.written)
 
     async def aclose(self) -> None:

@@ -37,7 +37,7 @@ class BlobService:
             self._traffic.hit(origin, blob.size if request.method == "GET" else 0, target.repository)
             return self._respond(FileSource(blob), blob.size, request, headers)
         client = self._clients[target.registry.name]
-        if request.method == "HEAD" and self._cache.filler.inflight(digest) is None:
+        if request.method == "HEAD" and self._cache.filler.inflight(str(digest)) is None:
             upstream = await client.head_blob(target.repository, str(digest))
             size = int(upstream.headers.get("content-length", "0"))
             self._traffic.miss(origin, target.repository)
