@@ -24,6 +24,8 @@ from proxy.migrate import prepare_database
 from proxy.ops import Operations
 from proxy.sources.hf import HfMirror
 from proxy.sources.oci import OciMirror
+from proxy.sources.s3 import S3Mirror
+from proxy.sources.web import WebMirror
 from proxy.stats import Traffic
 from proxy.store.blobs import BlobStore
 from proxy.store.cache import BlobCache
@@ -33,6 +35,7 @@ from proxy.store.janitor import Janitor, Policy, PurgeResult, TtlRule
 log = logging.getLogger(__name__)
 
 USER_AGENT = f"pullthrough/{__version__}"
+IMMUTABLE_TTL = float(2**40)
 
 
 def upstream_http_client() -> httpx.AsyncClient:
@@ -49,6 +52,9 @@ def purge_policy(settings: Settings) -> Policy:
     rules = [TtlRule("oci", r.name, r.ttl) for r in settings.registries if r.ttl is not None]
     if settings.hf.ttl is not None:
         rules.append(TtlRule("hf", urlsplit(settings.hf.url).netloc, settings.hf.ttl))
+    if settings.s3.ttl is not None:
+        rules.append(TtlRule("s3", None, settings.s3.ttl))
+    rules.append(TtlRule("ipfs", None, IMMUTABLE_TTL))  # IPFS content never changes: only the size cap evicts it
     return Policy(default_ttl=settings.default_ttl, rules=tuple(rules), max_size=settings.max_size, min_free=settings.min_free)
 
 
@@ -64,6 +70,8 @@ def create_app(settings: Settings) -> Starlette:
     blob_transport = BlobTransport(user_agent=USER_AGENT)
     oci = OciMirror(settings, cache, http, blob_transport, traffic)
     hf = HfMirror(settings.hf, cache, http, blob_transport, traffic)
+    s3 = S3Mirror(settings.s3, cache, traffic)
+    web = WebMirror(settings.web, cache, http, blob_transport, traffic)
     purge_lock = asyncio.Lock()
 
     async def purge(**options: object) -> PurgeResult:
@@ -99,6 +107,7 @@ def create_app(settings: Settings) -> Starlette:
         finally:
             janitor_task.cancel()
             await cache.aclose()
+            await s3.aclose()
             await traffic.aclose()
             await http.aclose()
             blob_transport.close()
@@ -108,11 +117,19 @@ def create_app(settings: Settings) -> Starlette:
         return JSONResponse({"status": "ok", "version": __version__})
 
     # The Hub's routes live at the root (HF_ENDPOINT is a host), so they come last.
-    routes = [Route("/healthz", healthz, methods=["GET", "HEAD"]), *ops.routes(), *oci.routes(), *hf.routes()]
+    routes = [
+        Route("/healthz", healthz, methods=["GET", "HEAD"]),
+        *ops.routes(),
+        *oci.routes(),
+        *s3.routes(),
+        *web.routes(),
+        *hf.routes(),
+    ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.settings = settings
     app.state.cache = cache
     app.state.traffic = traffic
+    app.state.sources = {"oci": oci, "hf": hf, "s3": s3, "web": web}
     return app
 
 

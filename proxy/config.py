@@ -136,6 +136,73 @@ class HfConfig(BaseModel):
         return os.environ.get(self.token_env) or None if self.token_env else None
 
 
+class S3Bucket(BaseModel):
+    """A bucket the mirror may serve, with its own endpoint or credentials where they differ."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key_id: str | None = None
+    access_key_id_env: str | None = None
+    secret_access_key: SecretStr | None = None
+    secret_access_key_env: str | None = None
+
+
+class S3Config(BaseModel):
+    """S3 and S3-compatible object stores. Only listed buckets are served."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    endpoint_url: str | None = None  # any S3-compatible endpoint; None: AWS
+    region: str = "us-east-1"
+    access_key_id: str | None = None  # none anywhere: the standard AWS credential chain
+    access_key_id_env: str | None = None
+    secret_access_key: SecretStr | None = None
+    secret_access_key_env: str | None = None
+    object_ttl: Duration = 300.0  # how long key -> version is trusted before a HeadObject
+    ttl: Duration | None = None  # unused objects are purged after this (default_ttl if unset)
+    buckets: list[S3Bucket] = Field(default_factory=list)
+
+    def bucket(self, name: str) -> S3Bucket | None:
+        return next((b for b in self.buckets if b.name == name), None)
+
+    def credentials(self, bucket: S3Bucket) -> dict[str, str]:
+        """boto3 client arguments for this bucket: its own values over the section's."""
+        key_id = _value(bucket.access_key_id, bucket.access_key_id_env) or _value(self.access_key_id, self.access_key_id_env)
+        secret = _secret(bucket.secret_access_key, bucket.secret_access_key_env) or _secret(
+            self.secret_access_key, self.secret_access_key_env
+        )
+        args = {"region_name": bucket.region or self.region}
+        endpoint = bucket.endpoint_url or self.endpoint_url
+        if endpoint:
+            args["endpoint_url"] = endpoint
+        if key_id and secret:
+            args["aws_access_key_id"], args["aws_secret_access_key"] = key_id, secret
+        return args
+
+
+def _value(value: str | None, env: str | None) -> str | None:
+    return os.environ.get(env) if env else value
+
+
+def _secret(value: SecretStr | None, env: str | None) -> str | None:
+    if env:
+        return os.environ.get(env)
+    return value.get_secret_value() if value else None
+
+
+class WebConfig(BaseModel):
+    """Plain HTTP(S) URLs and IPFS gateways. Never an open proxy: only listed prefixes are fetched."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    allow: list[str] = Field(default_factory=list)  # URL prefixes, e.g. "https://example.com/models/"
+    ttl: Duration = 300.0  # how long a URL's answer is trusted before revalidation
+    ipfs_gateways: list[str] = Field(default_factory=list)  # tried in order, e.g. "https://ipfs.io"
+
+
 class Settings(BaseSettings):
     """Everything pullthrough reads from its configuration, validated."""
 
@@ -155,6 +222,8 @@ class Settings(BaseSettings):
     access_log: bool = False
     registries: list[RegistryConfig] = Field(default_factory=_default_registries)
     hf: HfConfig = Field(default_factory=HfConfig)
+    s3: S3Config = Field(default_factory=S3Config)
+    web: WebConfig = Field(default_factory=WebConfig)
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -18,7 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import anyio
 
@@ -56,14 +56,15 @@ class UpstreamBody(Protocol):
         ...
 
 
+@runtime_checkable
 class AsyncUpstreamBody(Protocol):
-    """An upstream response read by an async client; `close` is still called from a thread."""
+    """An upstream response read by an async client."""
 
     size: int | None
 
     def chunks(self) -> AsyncIterator[bytes]: ...
 
-    def close(self) -> None: ...
+    async def aclose(self) -> None: ...
 
 
 Opener = Callable[[], Awaitable[UpstreamBody | AsyncUpstreamBody]]
@@ -236,7 +237,7 @@ class Filler:
                 raise FillFailed(f"{fill.key}: upstream announced {size} bytes, expected {expected_size}")
             temp = await anyio.to_thread.run_sync(lambda: self._store.new_temp(hash_in_background=True))
             fill._set_open(temp, size)
-            if hasattr(body, "chunks"):
+            if isinstance(body, AsyncUpstreamBody):
                 await self._copy_async(fill, body, temp)
             else:
                 await self._copy(fill, body, temp)
@@ -267,7 +268,9 @@ class Filler:
                 raise
         finally:
             self._inflight.pop(fill.key, None)
-            if body is not None:
+            if isinstance(body, AsyncUpstreamBody):
+                await body.aclose()
+            elif body is not None:
                 await anyio.to_thread.run_sync(body.close)
 
     @staticmethod

@@ -1,0 +1,103 @@
+"""aioboto3 clients, one per configured bucket, and the three calls the mirror makes.
+
+Errors become ObjectErrors in the mirror's shape: a missing key is 404 NoSuchKey, a refused
+request 403, an unreachable endpoint 503.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aioboto3
+import botocore.exceptions
+from botocore.config import Config
+
+from proxy.config import S3Bucket, S3Config
+from proxy.sources.objects import ObjectError, Unreachable
+
+_CLIENT_CONFIG = Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=10, read_timeout=60)
+
+
+class S3Body:
+    """A GetObject body (an async upstream body for the store)."""
+
+    def __init__(self, response: dict[str, Any]) -> None:
+        self._body = response["Body"]
+        self.size: int | None = response.get("ContentLength")
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._body.iter_chunks(1024 * 1024):
+                yield chunk
+        except (botocore.exceptions.BotoCoreError, OSError) as exc:
+            raise Unreachable(f"S3 transfer broke off: {type(exc).__name__}") from None
+
+    async def aclose(self) -> None:
+        self._body.close()
+
+
+class S3Clients:
+    """Long-lived clients per bucket (a client per request would cost a TLS handshake each)."""
+
+    def __init__(self, config: S3Config) -> None:
+        self._config = config
+        self._session = aioboto3.Session()
+        self._stack = contextlib.AsyncExitStack()
+        self._clients: dict[str, Any] = {}
+
+    async def client(self, bucket: S3Bucket) -> Any:
+        if bucket.name not in self._clients:
+            client = self._session.client("s3", config=_CLIENT_CONFIG, **self._config.credentials(bucket))
+            self._clients[bucket.name] = await self._stack.enter_async_context(client)
+        return self._clients[bucket.name]
+
+    async def aclose(self) -> None:
+        await self._stack.aclose()
+
+    async def head(self, bucket: S3Bucket, key: str) -> dict[str, Any]:
+        client = await self.client(bucket)
+        with _errors(bucket.name, key):
+            return await client.head_object(Bucket=bucket.name, Key=key)
+
+    async def get(self, bucket: S3Bucket, key: str, etag: str) -> S3Body:
+        """The object's body, only if it is still the version `etag` names (parts never mix versions)."""
+        client = await self.client(bucket)
+        with _errors(bucket.name, key):
+            return S3Body(await client.get_object(Bucket=bucket.name, Key=key, IfMatch=etag))
+
+    async def list(self, bucket: S3Bucket, prefix: str) -> list[dict[str, Any]]:
+        client = await self.client(bucket)
+        objects: list[dict[str, Any]] = []
+        with _errors(bucket.name, prefix):
+            paginator = client.get_paginator("list_objects_v2")
+            async for page in paginator.paginate(Bucket=bucket.name, Prefix=prefix):
+                for item in page.get("Contents", []):
+                    objects.append(
+                        {"key": item["Key"], "size": item["Size"], "etag": item.get("ETag", ""),
+                         "last_modified": item["LastModified"].isoformat()}
+                    )
+        return objects
+
+
+@contextlib.contextmanager
+def _errors(bucket: str, key: str) -> Any:
+    try:
+        yield
+    except botocore.exceptions.ClientError as exc:
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", "Error"))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 502))
+        if status in (404,) or code in ("NoSuchKey", "NotFound", "404"):
+            raise ObjectError(404, "NoSuchKey", f"s3://{bucket}/{key} does not exist") from None
+        if status == 412:
+            raise ObjectError(409, "VersionChanged", f"s3://{bucket}/{key} changed while it was being fetched") from None
+        if status in (401, 403):
+            raise ObjectError(403, "AccessDenied", f"the endpoint refused access to s3://{bucket}/{key}") from None
+        if status >= 500:
+            raise Unreachable(f"the S3 endpoint answered {status} for s3://{bucket}/{key}") from None
+        raise ObjectError(502, code, f"the S3 endpoint answered {status} {code}") from None
+    except (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectTimeoutError,
+            botocore.exceptions.ReadTimeoutError, OSError) as exc:
+        raise Unreachable(f"the S3 endpoint is unreachable: {type(exc).__name__}") from None
