@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # `python bench/run.py`
 
 from bench.image import REPOSITORY, TAG, BenchImage, build_layout, push  # noqa: E402
 from bench.measure import MANIFEST_ACCEPT, concurrent_gets, request_rate, timed_get  # noqa: E402
-from bench.nginx import Nginx  # noqa: E402
+from tests.servers.nginx import Nginx  # noqa: E402
 from bench.proxies import PROXIES, Proxy  # noqa: E402
 from bench.report import Results, environment, render_markdown, render_text  # noqa: E402
 from tests.servers.ports import stop_all_processes  # noqa: E402

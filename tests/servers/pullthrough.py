@@ -25,6 +25,8 @@ def toml_value(value: object) -> str:
         return f'"{text}"'
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(toml_value(item) for item in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items() if v is not None) + " }"
     raise TypeError(f"cannot write {value!r} as TOML")
 
 

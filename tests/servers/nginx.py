@@ -1,5 +1,6 @@
-"""nginx serving static files from one directory: the speed-of-light reference for a 1 GiB GET
-and for a small-file request rate on this machine."""
+"""nginx serving static files from one directory: a real HTTP origin for the /web/ and IPFS
+gateway tests (with an access log to count requests), and the benchmark's speed-of-light
+reference for a 1 GiB GET."""
 
 from __future__ import annotations
 
@@ -13,16 +14,17 @@ from tests.servers.ports import free_port, start_process, stop_process, wait_htt
 class Nginx:
     """A foreground nginx with one worker on a free loopback port, its root at `root`."""
 
-    def __init__(self, workdir: Path, root: Path, port: int) -> None:
+    def __init__(self, workdir: Path, root: Path, port: int, access_log: bool = False) -> None:
         self.workdir = workdir
         self.root = root
         self.port = port
+        self.access_log = access_log
         self._proc: subprocess.Popen | None = None
 
     @classmethod
-    def start(cls, workdir: Path, root: Path) -> "Nginx":
+    def start(cls, workdir: Path, root: Path, *, access_log: bool = False) -> "Nginx":
         workdir.mkdir(parents=True, exist_ok=True)
-        server = cls(workdir, root, free_port())
+        server = cls(workdir, root, free_port(), access_log)
         (workdir / "nginx.conf").write_text(server._config())
         server._proc = start_process(
             ["nginx", "-p", str(workdir), "-c", str(workdir / "nginx.conf")],
@@ -45,7 +47,8 @@ pid {self.workdir}/nginx.pid;
 error_log {self.workdir}/error.log warn;
 events {{ worker_connections 256; }}
 http {{
-    access_log off;
+    log_format counted '$request_method $request_uri $status $body_bytes_sent';
+    {f"access_log {self.workdir}/access.log counted;" if self.access_log else "access_log off;"}
     sendfile on;
     tcp_nopush on;
     keepalive_requests 1000000;
@@ -62,6 +65,17 @@ http {{
     }}
 }}
 """
+
+    def requests(self) -> list[tuple[str, str, int]]:
+        """(method, uri, status) of every request logged so far (with access_log=True)."""
+        log = self.workdir / "access.log"
+        if not log.exists():
+            return []
+        entries = []
+        for line in log.read_text().splitlines():
+            method, uri, status, _ = line.split(" ")
+            entries.append((method, uri, int(status)))
+        return entries
 
     @property
     def url(self) -> str:
