@@ -32,7 +32,7 @@ if __package__ in (None, ""):  # `python bench/hf.py`
 
 import httpx  # noqa: E402
 
-from bench.measure import cpu_count, peak_rss_bytes  # noqa: E402
+from bench.measure import peak_rss_bytes  # noqa: E402
 from tests.servers import fake_hub as fake_hub_module  # noqa: E402
 from tests.servers.fake_hub import FakeHub  # noqa: E402
 from tests.servers.ports import (free_port, start_process, stop_all_processes, stop_process,  # noqa: E402

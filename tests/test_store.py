@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import subprocess
 import threading
 from pathlib import Path
 
@@ -103,13 +104,16 @@ def test_commit_of_mismatching_bytes_raises_and_leaves_no_blob(tmp_path: Path) -
     assert list(store.tmp_dir.iterdir()) == []
 
 
-def test_prepare_sweeps_this_nodes_temp_files_but_not_other_nodes(tmp_path: Path) -> None:
+def test_prepare_sweeps_temp_files_of_dead_processes_of_this_node_only(tmp_path: Path) -> None:
     store = BlobStore(tmp_path, node_id="node-a")
     store.prepare()
-    (store.tmp_dir / "node-a.123.deadbeef").write_bytes(b"half a blob")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (store.tmp_dir / f"node-a.{dead.pid}.deadbeef").write_bytes(b"half a blob of a crashed process")
+    (store.tmp_dir / f"node-a.{os.getppid()}.feedface").write_bytes(b"a fill of a process still running")
     (store.tmp_dir / "node-b.456.cafebabe").write_bytes(b"another node's fill")
     store.prepare()
-    assert sorted(p.name for p in store.tmp_dir.iterdir()) == ["node-b.456.cafebabe"]
+    assert sorted(p.name for p in store.tmp_dir.iterdir()) == sorted([f"node-a.{os.getppid()}.feedface", "node-b.456.cafebabe"])
 
 
 async def test_concurrent_misses_share_one_upstream_stream(cache: BlobCache) -> None:

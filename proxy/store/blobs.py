@@ -116,12 +116,18 @@ class BlobStore:
         self.node_id = node_id or socket.gethostname().replace("/", "_")
 
     def prepare(self) -> None:
-        """Blocking: create the folders and sweep this node's temp files left by a crash."""
+        """Blocking: create the folders and sweep temp files that crashed processes of this node left.
+
+        Temp files are named node.pid.random: a file whose process still runs (a server and a
+        `pullthrough prefetch` sharing one cache) is left alone.
+        """
         (self.blobs_dir / "sha256").mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         swept = 0
         for entry in self.tmp_dir.iterdir():
-            if entry.name.startswith(f"{self.node_id}."):
+            node, _, rest = entry.name.partition(".")
+            pid = rest.partition(".")[0]
+            if node == self.node_id and pid.isdigit() and not _process_alive(int(pid)):
                 entry.unlink(missing_ok=True)
                 swept += 1
         if swept:
@@ -188,6 +194,18 @@ class BlobStore:
             return self.path_for(digest).read_bytes()
         except FileNotFoundError:
             return None
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # ours from before a fork or reuse: nothing of this process is in flight yet
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _fsync_dir(path: Path) -> None:

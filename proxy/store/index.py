@@ -20,6 +20,7 @@ from sqlalchemy import (
     String,
     UniqueConstraint,
     and_,
+    bindparam,
     create_engine,
     delete,
     event,
@@ -166,6 +167,9 @@ def make_engine(url: str) -> Engine:
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")
+            # 64 MiB of page cache: a purge at a million rows rewrites three indexes, and the
+            # 2 MiB default made it twice as slow.
+            cursor.execute("PRAGMA cache_size=-65536")
             cursor.close()
 
         return engine
@@ -209,13 +213,14 @@ class Index:
         """Apply a batch of (last access, hit count) per digest in one transaction."""
         if not accesses:
             return
-        with Session(self.engine) as session, session.begin():
-            for digest, (last_access, hits) in accesses.items():
-                session.execute(
-                    update(BlobRow)
-                    .where(BlobRow.digest == digest)
-                    .values(last_access=last_access, hits=BlobRow.hits + hits)
-                )
+        statement = (
+            update(BlobRow.__table__)
+            .where(BlobRow.__table__.c.digest == bindparam("d"))
+            .values(last_access=bindparam("la"), hits=BlobRow.__table__.c.hits + bindparam("h"))
+        )
+        rows = [{"d": digest, "la": last, "h": hits} for digest, (last, hits) in accesses.items()]
+        with self.engine.begin() as connection:
+            connection.execute(statement, rows)
 
     def get_reference(self, source: str, key: str) -> Reference | None:
         with Session(self.engine) as session:
@@ -283,9 +288,12 @@ class Index:
             return [(d, s) for d, s in session.execute(query)]
 
     def remove_blobs(self, digests: list[str]) -> None:
-        with Session(self.engine) as session, session.begin():
-            for start in range(0, len(digests), 500):
-                session.execute(delete(BlobRow).where(BlobRow.digest.in_(digests[start : start + 500])))
+        """In transactions of a few thousand rows, so that access flushes are not held up for long."""
+        for chunk in range(0, len(digests), 5000):
+            with Session(self.engine) as session, session.begin():
+                part = digests[chunk : chunk + 5000]
+                for start in range(0, len(part), 500):
+                    session.execute(delete(BlobRow).where(BlobRow.digest.in_(part[start : start + 500])))
 
     def all_digests(self) -> set[str]:
         with Session(self.engine) as session:

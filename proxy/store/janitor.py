@@ -76,14 +76,15 @@ class Janitor:
         result = PurgeResult(dry_run=dry_run)
         if not dry_run:
             result.orphan_files, result.orphan_rows = self.sweep()
-        chosen: dict[str, int] = {}
-        for digest, size in self._expired(now, older_than):
-            chosen[digest] = size
-        for digest, size in self._over_capacity(now, to_size, chosen):
-            chosen[digest] = size
+        chosen: dict[str, int] = dict(self._expired(now, older_than))
+        if not dry_run:
+            self._remove(list(chosen))  # before the size pass, which then need not skip them
+        evicted = self._over_capacity(now, to_size, {} if not dry_run else chosen)
+        if not dry_run:
+            self._remove([digest for digest, _ in evicted])
+        chosen.update(evicted)
         result.removed = list(chosen.items())
         if not dry_run:
-            self._remove(list(chosen))
             self.index.record_purge(
                 PurgeRecord(started, time.time(), reason, len(chosen), result.bytes_removed, result.orphan_files, result.orphan_rows)
             )
@@ -111,6 +112,8 @@ class Janitor:
 
     def _over_capacity(self, now: float, to_size: int | None, chosen: dict[str, int]) -> list[tuple[str, int]]:
         cap = to_size if to_size is not None else self.policy.max_size
+        if cap is None and self.policy.min_free is None:
+            return []
         total = sum(u.bytes for u in self.index.usage()) - sum(chosen.values())
         excess = total - cap if cap is not None else 0
         if self.policy.min_free is not None:
@@ -143,17 +146,19 @@ class Janitor:
 
     def sweep(self) -> tuple[int, int]:
         """Make the index and the files agree: (files adopted, rows dropped)."""
-        on_disk = dict(self._files())
+        on_disk = set(self._digests_on_disk())
         indexed = self.index.all_digests()
         orphans = [d for d in on_disk if d not in indexed]
         for digest in orphans:
-            self.index.add_blob(digest, on_disk[digest], source="unknown", upstream="unknown")
+            size = self.store.path_for(Digest.parse(digest)).stat().st_size
+            self.index.add_blob(digest, size, source="unknown", upstream="unknown")
         dangling = [d for d in indexed if d not in on_disk]
         if dangling:
             self.index.remove_blobs(dangling)
         return len(orphans), len(dangling)
 
-    def _files(self) -> list[tuple[str, int]]:
+    def _digests_on_disk(self) -> list[str]:
+        """Every blob file's digest, from the directory entries alone (no stat per file)."""
         found = []
         root = self.store.blobs_dir / "sha256"
         if not root.is_dir():
@@ -162,18 +167,17 @@ class Janitor:
             if not shard.is_dir(follow_symlinks=False):
                 continue
             for entry in os.scandir(shard.path):
-                if entry.is_file(follow_symlinks=False):
+                if len(entry.name) == 64 and entry.is_file(follow_symlinks=False):
                     try:
-                        digest = Digest.from_hex(entry.name)
+                        found.append(str(Digest.from_hex(entry.name)))
                     except InvalidDigest:
                         continue
-                    found.append((str(digest), entry.stat(follow_symlinks=False).st_size))
         return found
 
     def verify(self, *, repair: bool = False) -> list[str]:
         """Rehash every blob; the digests that no longer match (removed when `repair`)."""
         bad = []
-        for digest, _ in self._files():
+        for digest in self._digests_on_disk():
             path = self.store.path_for(Digest.parse(digest))
             hasher = hashlib.sha256()
             with open(path, "rb") as f:
