@@ -477,13 +477,13 @@ class Row:
     aggregate: Callable[[list[float]], float] = statistics.median
     ratios: bool = False
     target: str = ""
-    check: Callable[[float, float | None], bool] | None = None  # (pullthrough, olah) -> met?
+    check: Callable[[float, float | None], bool | None] | None = None  # (pullthrough, olah) -> met? (None: n/a)
 
 
 ROWS = [
     Row("warm_s", "warm snapshot (s)", "{:.2f}", ratios=True),
     Row("warm_mibs", "warm throughput (MiB/s)", "{:.1f}", ratios=True, target="≥ 2× Olah",
-        check=lambda pt, olah: olah is not None and pt >= 2 * olah),
+        check=lambda pt, olah: None if olah is None else pt >= 2 * olah),
     Row("cold_s", "cold snapshot (s)", "{:.2f}", ratios=True),
     Row("cold_mibs", "cold throughput (MiB/s)", "{:.1f}", ratios=True),
     Row("warm_downloads", "upstream file downloads, warm snapshot (max)", "{:.0f}", max, target="0",
@@ -511,8 +511,8 @@ def table(results: Results) -> tuple[list[str], list[list[str]]]:
             other = values.get(ref)
             cells.append(f"{pt / other:.2f}×" if row.ratios and pt is not None and other else "—")
         cells.append(row.target or "—")
-        cells.append("—" if row.check is None or pt is None else
-                     ("yes" if row.check(pt, values.get("olah")) else "**no**"))
+        met = None if row.check is None or pt is None else row.check(pt, values.get("olah"))
+        cells.append("—" if met is None else "yes" if met else "**no**")
         body.append(cells)
     verified = ["snapshots with every file's sha256 right"]
     for m in columns:

@@ -22,6 +22,7 @@ from proxy.http.download import BlobTransport
 from proxy.http.zerocopy import ZeroCopyMiddleware
 from proxy.migrate import prepare_database
 from proxy.ops import Operations
+from proxy.pins import ResourceSets
 from proxy.sources.hf import HfMirror
 from proxy.sources.oci import OciMirror
 from proxy.sources.s3 import S3Mirror
@@ -93,6 +94,7 @@ def create_app(settings: Settings) -> Starlette:
                 log.exception("purge failed")
 
     ops = Operations(settings, traffic, index, purge, oci.ratelimits)
+    resource_sets = ResourceSets(settings.resource_sets, cache, oci, hf, s3, web)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
@@ -101,11 +103,15 @@ def create_app(settings: Settings) -> Starlette:
         await anyio.to_thread.run_sync(janitor.sweep)  # index and files agree before the first request
         await traffic.start()
         janitor_task = asyncio.create_task(purge_periodically(), name="janitor")
+        if settings.prefetch_on_start and settings.resource_sets:
+            prefetch_task = asyncio.create_task(resource_sets.prefetch_all(), name="prefetch")
         log.info("pullthrough %s serving %s from %s", __version__, settings.listen, settings.cache_dir)
         try:
             yield
         finally:
             janitor_task.cancel()
+            if settings.prefetch_on_start and settings.resource_sets:
+                prefetch_task.cancel()
             await cache.aclose()
             await s3.aclose()
             await traffic.aclose()
@@ -120,6 +126,7 @@ def create_app(settings: Settings) -> Starlette:
     routes = [
         Route("/healthz", healthz, methods=["GET", "HEAD"]),
         *ops.routes(),
+        *resource_sets.routes(ops.admin_refusal),
         *oci.routes(),
         *s3.routes(),
         *web.routes(),
@@ -130,6 +137,7 @@ def create_app(settings: Settings) -> Starlette:
     app.state.cache = cache
     app.state.traffic = traffic
     app.state.sources = {"oci": oci, "hf": hf, "s3": s3, "web": web}
+    app.state.resource_sets = resource_sets
     return app
 
 

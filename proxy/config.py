@@ -9,7 +9,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
@@ -203,6 +203,55 @@ class WebConfig(BaseModel):
     ipfs_gateways: list[str] = Field(default_factory=list)  # tried in order, e.g. "https://ipfs.io"
 
 
+class RemoteResource(BaseModel):
+    """One remote resource of a set: S3 (object or prefix), HF (a repo at a revision), IPFS, HTTPS."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["S3", "HF", "IPFS", "HTTPS"]
+    url: str | None = None  # s3://bucket/key-or-prefix, https://…
+    repo: str | None = None  # HF: org/name
+    repo_type: Literal["model", "dataset", "space"] = "model"
+    revision: str = "main"
+    cid: str | None = None  # IPFS, optionally with /path
+
+    @model_validator(mode="after")
+    def _check(self) -> RemoteResource:
+        needed = {"S3": "url", "HTTPS": "url", "HF": "repo", "IPFS": "cid"}[self.type]
+        if getattr(self, needed) is None:
+            raise ValueError(f"a {self.type} resource needs {needed}")
+        if self.type == "S3" and not (self.url or "").startswith("s3://"):
+            raise ValueError("an S3 resource's url starts with s3://")
+        return self
+
+    @property
+    def display_url(self) -> str:
+        """The resource as one URL, as the market listing shows it."""
+        if self.type == "HF":
+            prefix = "" if self.repo_type == "model" else f"{self.repo_type}s/"
+            return f"hf://{prefix}{self.repo}@{self.revision}"
+        if self.type == "IPFS":
+            return f"ipfs://{self.cid}"
+        return str(self.url)
+
+
+class ResourceSet(BaseModel):
+    """A market's required resources: pinned (never purged) and prefetched."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    images: list[str] = Field(default_factory=list)
+    remote: list[RemoteResource] = Field(default_factory=list)
+    platforms: list[str] = Field(default_factory=lambda: ["linux/amd64"])  # of multi-arch images
+
+    @model_validator(mode="after")
+    def _check(self) -> ResourceSet:
+        if not re.match(r"^[A-Za-z0-9._-]{1,128}$", self.name):
+            raise ValueError(f"resource set name {self.name!r} may hold letters, digits, . _ - only")
+        return self
+
+
 class Settings(BaseSettings):
     """Everything pullthrough reads from its configuration, validated."""
 
@@ -224,6 +273,8 @@ class Settings(BaseSettings):
     hf: HfConfig = Field(default_factory=HfConfig)
     s3: S3Config = Field(default_factory=S3Config)
     web: WebConfig = Field(default_factory=WebConfig)
+    resource_sets: list[ResourceSet] = Field(default_factory=list)
+    prefetch_on_start: bool = True
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

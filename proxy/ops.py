@@ -81,6 +81,10 @@ class Operations:
              "orphan_files": result.orphan_files, "orphan_rows": result.orphan_rows}
         )
 
+    def admin_refusal(self, request: Request) -> Response | None:
+        """None when the request carries the admin token; else the answer that refuses it."""
+        return self._refuse(request, reading=False)
+
     def _refuse(self, request: Request, *, reading: bool) -> Response | None:
         if reading and self._settings.public_stats:
             return None

@@ -166,6 +166,9 @@ class BlobStore:
         reader can still be handed its descriptor.
         """
         self.verify(temp, digest, expected_size)
+        # Read-only: `materialize` hands out hard links, and a job writing to one must not
+        # change the cache's copy.
+        os.fchmod(temp.fd, 0o444)
         os.fsync(temp.fd)
         final = self.path_for(digest)
         final.parent.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ refused, live connections cut) or switched to 503.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import json
@@ -65,7 +66,7 @@ class FakeFile:
     def size(self) -> int:
         return len(self.data)
 
-    @property
+    @functools.cached_property
     def sha256(self) -> str:
         return hashlib.sha256(self.data).hexdigest()
 
@@ -73,7 +74,7 @@ class FakeFile:
     def pointer(self) -> bytes:
         return lfs_pointer(self.sha256, self.size)
 
-    @property
+    @functools.cached_property
     def oid(self) -> str:
         """The git blob id: of the pointer file for LFS files, of the content otherwise."""
         return git_blob_sha1(self.pointer if self.lfs else self.data)
@@ -405,6 +406,7 @@ class FakeHub:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out in two writes: no 40 ms delayed-ACK stall
     server: _Server
 
     def log_message(self, format, *args):  # the hub keeps its own log

@@ -114,6 +114,23 @@ class FileService:
                 self._traffic.hit(self._origin, meta.size, repo.key)
         return await self._serve_bytes(repo, commit, path, meta, request, token, headers)
 
+    async def fetch(self, repo: Repo, revision: str, path: str, token: str | None) -> tuple[str, int]:
+        """Make sure the file is in the cache (prefetch); its digest and size."""
+        commit, meta = await self._locate(repo, revision, path, token)
+        if meta.missing:
+            raise HfError(404, f"{path} does not exist at {commit}", code="EntryNotFound")
+        if not meta.lfs:
+            meta, _ = await self._ensure_small(repo, commit, path, meta, token)
+        assert meta.sha256 is not None
+        digest = Digest.from_hex(meta.sha256)
+        if await self._cache.lookup(digest) is None:
+            fill, _ = self._cache.fill(
+                digest, lambda: self._client.open_file(repo, commit, path, token), origin=self._origin, expected_size=meta.size
+            )
+            if await fill.finished() is None:
+                raise HubUnavailable(f"fetching {path} failed: {fill.error}")
+        return str(digest), meta.size
+
     # -- revision and metadata ----------------------------------------------------------------
     async def _locate(self, repo: Repo, revision: str, path: str, token: str | None) -> tuple[str, FileMeta]:
         """The commit the revision names and the file's metadata there."""

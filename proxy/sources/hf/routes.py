@@ -15,9 +15,9 @@ from proxy.config import HfConfig
 from proxy.http.download import BlobTransport
 from proxy.sources.hf.access import AccessGuard
 from proxy.sources.hf.api import ApiService, repo_info_path, tree_path
-from proxy.sources.hf.errors import HfError, NotFound
+from proxy.sources.hf.errors import HfError, NotFound, UpstreamHfError
 from proxy.sources.hf.files import FileService
-from proxy.sources.hf.names import REPO_TYPES, parse_file_path, parse_repo, parse_revision, quote_revision, raw_segments
+from proxy.sources.hf.names import REPO_TYPES, Repo, parse_file_path, parse_repo, parse_revision, quote_revision, raw_segments
 from proxy.sources.hf.upstream import HubClient
 from proxy.stats import Traffic
 from proxy.store.cache import BlobCache
@@ -31,10 +31,22 @@ class HfMirror:
     def __init__(
         self, config: HfConfig, cache: BlobCache, http: httpx.AsyncClient, blobs: BlobTransport, traffic: Traffic
     ) -> None:
+        self.config = config
         self.client = HubClient(config, http, blobs)
         self.access = AccessGuard(config, self.client, cache)
         self.files = FileService(config, self.client, cache, self.access, traffic)
         self.api = ApiService(config, self.client, cache, self.access, traffic)
+
+    async def prefetch_repo(self, repo: Repo, revision: str) -> list[tuple[str, str, int]]:
+        """Every file of the repo at the revision into the cache; (path, digest, size) of each."""
+        token = self.config.service_token()
+        response = await self.client.api("GET", repo_info_path(repo, revision), token=token)
+        if not response.is_success:
+            raise UpstreamHfError.from_response(response)
+        info = response.json()
+        commit = info.get("sha") or revision
+        files = [s["rfilename"] for s in info.get("siblings", []) if isinstance(s, dict) and s.get("rfilename")]
+        return [(path, *await self.files.fetch(repo, commit, path, token)) for path in files]
 
     def routes(self) -> list[BaseRoute]:
         return [

@@ -13,6 +13,7 @@ from proxy.sources.oci.upstream import RegistryClient
 from proxy.store.blobs import BlobFile
 from proxy.stats import Traffic
 from proxy.store.cache import BlobCache
+from proxy.store.digest import Digest
 from proxy.store.fill import Fill, Origin
 
 IMMUTABLE = "public, max-age=31536000, immutable"
@@ -50,6 +51,16 @@ class BlobService:
             blob = await _finished(fill)
             return self._respond(FileSource(blob), blob.size, request, headers)
         return self._respond(fill, size, request, headers)
+
+    async def fetch(self, registry: str, repository: str, digest: Digest) -> int:
+        """Make sure the blob is in the cache (prefetch); its size."""
+        blob = await self._cache.lookup(digest)
+        if blob is not None:
+            return blob.size
+        client = self._clients[registry]
+        fill, _ = self._cache.fill(digest, lambda: client.open_blob(repository, str(digest)), origin=Origin(SOURCE, registry))
+        await _opened_size(fill)
+        return (await _finished(fill)).size
 
     @staticmethod
     def _respond(source: ByteSource | None, size: int, request: Request, headers: dict[str, str]) -> Response:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 
@@ -13,11 +14,12 @@ from starlette.routing import BaseRoute, Route
 from proxy.config import Settings
 from proxy.sources.oci.blobs import BlobService
 from proxy.sources.oci.errors import API_VERSION_HEADER, OciError, Unsupported
-from proxy.sources.oci.manifests import ManifestService, parse_accept
+from proxy.sources.oci.manifests import ALL_MANIFEST_TYPES, DOCKER_LIST, OCI_INDEX, ManifestService, parse_accept
 from proxy.sources.oci.names import Kind, Router, Target
 from proxy.sources.oci.upstream import BlobTransport, RegistryClient
 from proxy.stats import Traffic
 from proxy.store.cache import BlobCache
+from proxy.store.digest import Digest
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,34 @@ class OciMirror:
         self.clients = {r.name: RegistryClient(r, http, blobs) for r in settings.registries}
         self.manifests = ManifestService(cache, self.clients, traffic)
         self.blobs = BlobService(cache, self.clients, traffic)
+
+    async def prefetch_image(self, image: str, platforms: list[str]) -> list[tuple[str, int]]:
+        """Fetch an image (the manifests for `platforms` of a multi-arch one, their configs and
+        layers) into the cache; (digest, size) of everything it consists of."""
+        name, reference = split_image_reference(image)
+        target = self.router.route(f"{name}/manifests/{reference}", None)
+        top = await self.manifests.get(target, ALL_MANIFEST_TYPES)
+        fetched = [(str(top.digest), len(top.data))]
+        manifests = [top]
+        document = json.loads(top.data)
+        if top.media_type in (OCI_INDEX, DOCKER_LIST) or "manifests" in document:
+            manifests = []
+            for entry in document.get("manifests", []):
+                platform = entry.get("platform", {})
+                label = "/".join(p for p in (platform.get("os"), platform.get("architecture"), platform.get("variant")) if p)
+                if any(label == wanted or label.startswith(wanted + "/") for wanted in platforms):
+                    child = self.router.route(f"{name}/manifests/{entry['digest']}", None)
+                    item = await self.manifests.get(child, ALL_MANIFEST_TYPES)
+                    fetched.append((str(item.digest), len(item.data)))
+                    manifests.append(item)
+        for item in manifests:
+            document = json.loads(item.data)
+            for descriptor in [document.get("config", {}), *document.get("layers", [])]:
+                if descriptor.get("digest"):
+                    digest = Digest.parse(descriptor["digest"])
+                    size = await self.blobs.fetch(target.registry.name, target.repository, digest)
+                    fetched.append((str(digest), size))
+        return fetched
 
     def ratelimits(self) -> dict[str, str]:
         """Each upstream's last `ratelimit-remaining`, where it sent one."""
@@ -92,6 +122,18 @@ class OciMirror:
             headers["Link"] = re.sub(r"<(?:https?://[^/>]+)?/v2/", f"<{_mirror_v2(target)}", link, count=1)
         body = b"" if request.method == "HEAD" else upstream.content
         return Response(body, headers=headers, media_type=upstream.headers.get("content-type", "application/json"))
+
+
+def split_image_reference(image: str) -> tuple[str, str]:
+    """docker.io/library/alpine:3.20 -> ("docker.io/library/alpine", "3.20"); @sha256:… kept as the reference."""
+    if "@" in image:
+        name, _, digest = image.partition("@")
+        return name, digest
+    slash = image.rfind("/")
+    colon = image.rfind(":")
+    if colon > slash:
+        return image[:colon], image[colon + 1 :]
+    return image, "latest"
 
 
 def _mirror_v2(target: Target) -> str:

@@ -88,6 +88,22 @@ class S3Mirror:
             f"{bucket.name}/{key}", origin=self.origin(bucket), ttl=self.config.object_ttl, probe=lambda: self.probe(bucket, key)
         )
 
+    async def prefetch(self, url: str) -> list[tuple[str, str]]:
+        """s3://bucket/key (an object) or s3://bucket/prefix[/] (everything under it) into the
+        cache; (path relative to the prefix, or the key's last part, and digest) of each object."""
+        bucket_name, _, key = url.removeprefix("s3://").partition("/")
+        bucket = self.allowed(bucket_name, key)
+        if key and not key.endswith("/"):
+            try:
+                return [(key.rsplit("/", 1)[-1], str(await self.fetch(bucket, key)))]
+            except ObjectError as exc:
+                if exc.code != "NoSuchKey":
+                    raise
+                key += "/"  # not an object: a prefix (with the slash, so …/8 does not take …/80)
+        listing = await self.listing(bucket, key)
+        objects = [str(item["key"]) for item in listing["objects"]]  # type: ignore[union-attr]
+        return [(k[len(key):], str(await self.fetch(bucket, k))) for k in objects if not k.endswith("/")]
+
     async def listing(self, bucket: S3Bucket, prefix: str) -> dict[str, object]:
         """The objects under a prefix, from upstream, or the last listing while it is unreachable."""
         key = f"{bucket.name}/{prefix}"
