@@ -5,6 +5,7 @@ Configuration errors end the command with one line on stderr and exit status 2.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -140,10 +141,11 @@ def _offline_parts(settings: Settings) -> tuple[BlobStore, Index]:
 @click.option("--dry-run", is_flag=True, help="Say what would go; remove nothing.")
 @click.option("--older-than", help="Remove every unpinned blob unused this long (e.g. 7d), whatever its TTL.")
 @click.option("--to-size", help="Evict least recently used blobs until the cache is this small (e.g. 100G).")
+@click.option("--grace", default="2m", show_default=True, help="Keep whatever was read this recently.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def purge(
     config_file: str | None, cache_dir: str | None, database_url: str | None,
-    dry_run: bool, older_than: str | None, to_size: str | None, as_json: bool,
+    dry_run: bool, older_than: str | None, to_size: str | None, grace: str, as_json: bool,
 ) -> None:
     """Remove expired blobs and shrink the cache to its cap (pinned blobs stay)."""
     from proxy.app import purge_policy
@@ -154,10 +156,11 @@ def purge(
     try:
         age = parse_duration(older_than) if older_than is not None else None
         size = parse_size(to_size) if to_size is not None else None
+        policy = dataclasses.replace(purge_policy(settings), grace=parse_duration(grace))
     except ValueError as exc:
         _fail(str(exc))
     store, index = _offline_parts(settings)
-    result = Janitor(store, index, purge_policy(settings)).purge(dry_run=dry_run, older_than=age, to_size=size, reason="cli")
+    result = Janitor(store, index, policy).purge(dry_run=dry_run, older_than=age, to_size=size, reason="cli")
     if as_json:
         click.echo(json.dumps({"dry_run": dry_run, "removed": [{"digest": d, "size": s} for d, s in result.removed],
                                "bytes_removed": result.bytes_removed, "orphan_files": result.orphan_files,
@@ -271,3 +274,82 @@ def _human(n: int) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     return f"{n} B"
+
+
+@main.command()
+@_setting_options
+@click.argument("resources", nargs=-1)
+@click.option("--set", "set_names", multiple=True, help="A configured resource set: fetch and pin all of it.")
+def prefetch(config_file: str | None, cache_dir: str | None, database_url: str | None, resources: tuple[str, ...], set_names: tuple[str, ...]) -> None:
+    """Fetch resources into the cache: docker.io/library/alpine:3.20, hf://org/repo@rev,
+    s3://bucket/prefix/, ipfs://cid, https://… (allowed in [web]), or --set NAME."""
+    import asyncio
+
+    from tqdm import tqdm
+
+    from proxy.prefetch import ResourceError, fetch, fetch_set, running_app
+
+    settings = _settings(config_file, cache_dir=cache_dir, database_url=database_url)
+    if not resources and not set_names:
+        _fail("name at least one resource or --set NAME")
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    failed = 0
+
+    async def run() -> None:
+        nonlocal failed
+        async with running_app(settings) as app:
+            with tqdm(total=len(resources) + len(set_names), unit="resource", disable=None) as bar:
+                for resource in resources:
+                    bar.set_description(resource[:60])
+                    try:
+                        fetched = await fetch(app, resource)
+                        tqdm.write(f"{resource}: {len(fetched.files)} files, {_human(fetched.bytes)}")
+                    except Exception as exc:  # noqa: BLE001 - one line per failed resource; the others go on
+                        failed += 1
+                        tqdm.write(f"{resource}: failed: {getattr(exc, 'message', None) or exc}")
+                    bar.update()
+                for name in set_names:
+                    bar.set_description(f"set {name}"[:60])
+                    try:
+                        listing = await fetch_set(app, name)
+                        for label, state in {**listing["status"]["images"], **listing["status"]["remote"]}.items():  # type: ignore[index]
+                            ok = state["cached"] and not state["error"]
+                            failed += 0 if ok else 1
+                            tqdm.write(f"{name}: {label}: " + (f"{state['blobs']} blobs, {_human(state['bytes'])}" if ok else f"failed: {state['error']}"))
+                    except ResourceError as exc:
+                        failed += 1
+                        tqdm.write(f"{name}: {exc}")
+                    bar.update()
+
+    asyncio.run(run())
+    if failed:
+        sys.exit(1)
+
+
+@main.command()
+@_setting_options
+@click.argument("resource")
+@click.option("--to", "destination", required=True, type=click.Path(file_okay=False), help="Where to lay the files out.")
+def materialize(config_file: str | None, cache_dir: str | None, database_url: str | None, resource: str, destination: str) -> None:
+    """Lay a resource out as files under --to (hard links from the cache, copies across file systems);
+    an image becomes an OCI image layout."""
+    import asyncio
+    from pathlib import Path
+
+    from proxy.prefetch import ResourceError, fetch, materialize as lay_out, running_app
+
+    settings = _settings(config_file, cache_dir=cache_dir, database_url=database_url)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+
+    async def run() -> list[Path]:
+        async with running_app(settings) as app:
+            fetched = await fetch(app, resource)
+        return lay_out(settings, fetched, Path(destination))
+
+    try:
+        written = asyncio.run(run())
+    except ResourceError as exc:
+        _fail(str(exc))
+    except Exception as exc:  # noqa: BLE001 - the CLI's one-line answer
+        _fail(f"{resource}: {getattr(exc, 'message', None) or exc}")
+    click.echo(f"{resource}: {len(written)} files under {destination}")

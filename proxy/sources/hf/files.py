@@ -165,7 +165,7 @@ class FileService:
         except UpstreamHfError as error:
             commit = error.replay_headers.get("x-repo-commit")
             if error.status == 404 and error.code == "EntryNotFound" and commit:
-                await self._remember_revision(repo, revision, commit)
+                await self.remember_revision(repo, revision, commit)
                 meta = FileMeta("", 0, False, None, "", missing=True, error_body=error.message)
                 await self._remember_file(repo, commit, path, meta)
             raise
@@ -173,11 +173,11 @@ class FileService:
         if not commit or not is_commit(commit):
             raise HubUnavailable("the Hub's answer carried no X-Repo-Commit")
         meta = _meta_from_head(response)
-        await self._remember_revision(repo, revision, commit)
+        await self.remember_revision(repo, revision, commit)
         await self._remember_file(repo, commit, path, meta)
         return commit, meta
 
-    async def _remember_revision(self, repo: Repo, revision: str, commit: str) -> None:
+    async def remember_revision(self, repo: Repo, revision: str, commit: str) -> None:
         if is_commit(revision):
             return
         now = time.time()

@@ -4,6 +4,7 @@ to files and API, with every error worded as the Hub words it."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 import httpx
@@ -15,16 +16,18 @@ from proxy.config import HfConfig
 from proxy.http.download import BlobTransport
 from proxy.sources.hf.access import AccessGuard
 from proxy.sources.hf.api import ApiService, repo_info_path, tree_path
-from proxy.sources.hf.errors import HfError, NotFound, UpstreamHfError
+from proxy.sources.hf.errors import HfError, HubUnavailable, NotFound, UpstreamHfError
 from proxy.sources.hf.files import FileService
 from proxy.sources.hf.names import REPO_TYPES, Repo, parse_file_path, parse_repo, parse_revision, quote_revision, raw_segments
 from proxy.sources.hf.upstream import HubClient
 from proxy.stats import Traffic
 from proxy.store.cache import BlobCache
+from proxy.store.index import Reference
 
 log = logging.getLogger(__name__)
 
 _API_ACTIONS = {"revision", "tree", "paths-info", "refs", "auth-check"}
+SNAPSHOTS = "hf-snapshot"  # a repo's file list at a revision, as the last prefetch saw it
 
 
 class HfMirror:
@@ -32,20 +35,37 @@ class HfMirror:
         self, config: HfConfig, cache: BlobCache, http: httpx.AsyncClient, blobs: BlobTransport, traffic: Traffic
     ) -> None:
         self.config = config
+        self._cache = cache
         self.client = HubClient(config, http, blobs)
         self.access = AccessGuard(config, self.client, cache)
         self.files = FileService(config, self.client, cache, self.access, traffic)
         self.api = ApiService(config, self.client, cache, self.access, traffic)
 
     async def prefetch_repo(self, repo: Repo, revision: str) -> list[tuple[str, str, int]]:
-        """Every file of the repo at the revision into the cache; (path, digest, size) of each."""
+        """Every file of the repo at the revision into the cache; (path, digest, size) of each.
+
+        The file list is remembered, so that with the Hub away the same call answers from the cache.
+        """
         token = self.config.service_token()
-        response = await self.client.api("GET", repo_info_path(repo, revision), token=token)
-        if not response.is_success:
-            raise UpstreamHfError.from_response(response)
-        info = response.json()
-        commit = info.get("sha") or revision
-        files = [s["rfilename"] for s in info.get("siblings", []) if isinstance(s, dict) and s.get("rfilename")]
+        try:
+            await self.access.visibility(repo)  # remembered, so that offline callers of a public repo are served
+            response = await self.client.api("GET", repo_info_path(repo, revision), token=token)
+        except HubUnavailable:
+            snapshot = await self._cache.get_reference(SNAPSHOTS, f"{repo.key}@{revision}")
+            if snapshot is None:
+                raise
+            commit, files = str(snapshot.meta["commit"]), list(snapshot.meta["files"])
+        else:
+            if not response.is_success:
+                raise UpstreamHfError.from_response(response)
+            info = response.json()
+            commit = info.get("sha") or revision
+            files = [s["rfilename"] for s in info.get("siblings", []) if isinstance(s, dict) and s.get("rfilename")]
+            await self.files.remember_revision(repo, revision, commit)
+            now = time.time()
+            await self._cache.put_reference(
+                Reference(SNAPSHOTS, f"{repo.key}@{revision}", commit, now, now, meta={"commit": commit, "files": files})
+            )
         return [(path, *await self.files.fetch(repo, commit, path, token)) for path in files]
 
     def routes(self) -> list[BaseRoute]:
