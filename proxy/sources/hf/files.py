@@ -55,6 +55,7 @@ class FileMeta:
     content_type: str
     missing: bool = False  # EntryNotFound at this commit (kept: transformers probes optional files)
     error_body: str = ""
+    hub_etag: str = ""  # the ETag header as the Hub sent it (for LFS, the pointer's git id)
 
     def as_meta(self) -> dict[str, object]:
         return {
@@ -65,6 +66,7 @@ class FileMeta:
             "content_type": self.content_type,
             "missing": self.missing,
             "error_body": self.error_body,
+            "hub_etag": self.hub_etag,
         }
 
     @classmethod
@@ -77,6 +79,7 @@ class FileMeta:
             content_type=str(meta.get("content_type") or "application/octet-stream"),
             missing=bool(meta.get("missing")),
             error_body=str(meta.get("error_body") or ""),
+            hub_etag=str(meta.get("hub_etag") or ""),
         )
 
 
@@ -217,7 +220,7 @@ class FileService:
         digest = Digest.from_hex(hashlib.sha256(data).hexdigest())
         self._traffic.fetched(self._origin, len(data))
         await self._cache.put_small(data, digest, meta.content_type, self._origin)
-        known = FileMeta(meta.etag, meta.size, False, digest.hex, meta.content_type)
+        known = FileMeta(meta.etag, meta.size, False, digest.hex, meta.content_type, hub_etag=meta.hub_etag)
         await self._remember_file(repo, commit, path, known)
         return known
 
@@ -265,11 +268,11 @@ def _meta_from_head(response: httpx.Response) -> FileMeta:
         raise HubUnavailable("the Hub's answer lacked the file's ETag or size")
     lfs = bool(_HEX64.match(etag))
     content_type = "application/octet-stream" if response.is_redirect else headers.get("content-type", "application/octet-stream")
-    return FileMeta(etag, int(size_text), lfs, etag if lfs else None, content_type)
+    return FileMeta(etag, int(size_text), lfs, etag if lfs else None, content_type, hub_etag=headers.get("etag", ""))
 
 
 def _file_headers(meta: FileMeta) -> dict[str, str]:
-    headers = {"ETag": f'"{meta.etag}"', "Accept-Ranges": "bytes"}
+    headers = {"ETag": meta.hub_etag or f'"{meta.etag}"', "Accept-Ranges": "bytes"}
     if meta.lfs:
         headers["X-Linked-Etag"] = f'"{meta.etag}"'
         headers["X-Linked-Size"] = str(meta.size)
