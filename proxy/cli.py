@@ -161,6 +161,9 @@ def purge(
         _fail(str(exc))
     store, index = _offline_parts(settings)
     result = Janitor(store, index, policy).purge(dry_run=dry_run, older_than=age, to_size=size, reason="cli")
+    if result.skipped:
+        click.echo("another janitor is running on this cache: nothing done")
+        return
     if as_json:
         click.echo(json.dumps({"dry_run": dry_run, "removed": [{"digest": d, "size": s} for d, s in result.removed],
                                "bytes_removed": result.bytes_removed, "orphan_files": result.orphan_files,

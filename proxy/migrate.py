@@ -9,7 +9,8 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.pool import NullPool
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +28,28 @@ def alembic_config(database_url: str) -> Config:
     return config
 
 
+# pg_advisory_lock key: nodes starting at once run the migrations one after the other.
+MIGRATION_LOCK = 0x70756C6C  # "pull"
+
+
 def upgrade(database_url: str, revision: str = "head") -> None:
-    command.upgrade(alembic_config(database_url), revision)
+    config = alembic_config(database_url)
+    if not database_url.startswith("postgresql"):
+        command.upgrade(config, revision)
+        return
+    engine = create_engine(database_url, poolclass=NullPool)
+    try:
+        with engine.connect() as connection:
+            connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK})
+            try:
+                config.attributes["connection"] = connection
+                command.upgrade(config, revision)
+                connection.commit()
+            finally:
+                connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK})
+                connection.commit()
+    finally:
+        engine.dispose()
 
 
 def prepare_database(engine: Engine, database_url: str) -> None:

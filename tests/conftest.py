@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -82,11 +84,15 @@ def pullthrough(request, tmp_path) -> Callable[..., Pullthrough]:
     started are stopped after the test, and a failing test shows the tail of their logs.
     """
     started: list[Pullthrough] = []
+    databases: list[str] = []
 
     def start(registries: list[dict] | None = None, *, cache_dir: Path | None = None, **settings) -> Pullthrough:
         if registries is None:
             registries = default_registries(request.getfixturevalue("upstream"))
         cache_dir = cache_dir or tmp_path / f"cache{len(started)}"
+        if os.environ.get("PULLTHROUGH_TEST_DATABASE") == "postgresql" and "database_url" not in settings:
+            settings["database_url"] = fresh_postgres_database()
+            databases.append(settings["database_url"])
         try:
             server = Pullthrough.start(cache_dir, registries, **settings)
         except BaseException:
@@ -99,6 +105,37 @@ def pullthrough(request, tmp_path) -> Callable[..., Pullthrough]:
     for server in started:
         server.stop()
         _print_log_tail(server.log_path)
+    for url in databases:
+        drop_postgres_database(url)
+
+
+POSTGRES_ADMIN_URL = os.environ.get("PULLTHROUGH_TEST_POSTGRES", "postgresql+psycopg://postgres:postgres@127.0.0.1:5432/postgres")
+
+
+def fresh_postgres_database() -> str:
+    """A new, migrated PostgreSQL database for one server (`pullthrough db upgrade` as operators run it)."""
+    import uuid
+
+    from sqlalchemy import create_engine, text
+
+    name = f"pt_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    url = POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    subprocess.run([sys.executable, "-m", "proxy", "db", "upgrade", "--database-url", url, "--cache-dir", "/tmp"],
+                   check=True, capture_output=True, timeout=120)
+    return url
+
+
+def drop_postgres_database(url: str) -> None:
+    from sqlalchemy import create_engine, text
+
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)'))
+    admin.dispose()
 
 
 def _print_log_tail(path: Path, lines: int = 60) -> None:

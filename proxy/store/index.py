@@ -6,8 +6,10 @@ default, PostgreSQL the engine for a cache that several nodes share.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +29,7 @@ from sqlalchemy import (
     func,
     or_,
     select,
+    text,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -173,7 +176,7 @@ def make_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
 
 
 class Index:
@@ -311,6 +314,24 @@ class Index:
             return PurgeRecord(
                 row.started_at, row.finished_at, row.reason, row.blobs_removed, row.bytes_removed, row.orphan_files, row.orphan_rows
             )
+
+    @contextlib.contextmanager
+    def exclusive(self, name: str) -> Iterator[bool]:
+        """A lock the database holds for every node sharing it (PostgreSQL advisory lock), taken
+        without waiting: yields whether this process got it. On SQLite, always True: callers lock
+        the shared cache directory instead."""
+        if self.engine.dialect.name != "postgresql":
+            yield True
+            return
+        key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:7], "big")
+        with self.engine.connect() as connection:
+            got = bool(connection.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": key}).scalar())
+            try:
+                yield got
+            finally:
+                if got:
+                    connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+                connection.commit()
 
     # -- pins ---------------------------------------------------------------------------------
     def pin(self, name: str, digests: list[str]) -> None:

@@ -9,12 +9,15 @@ without a file is dropped. Everything here blocks; the server runs it in a worke
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
 import os
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from proxy.store.blobs import BlobStore
@@ -51,6 +54,7 @@ class PurgeResult:
     orphan_files: int = 0
     orphan_rows: int = 0
     dry_run: bool = False
+    skipped: bool = False  # another janitor was running
 
     @property
     def bytes_removed(self) -> int:
@@ -72,7 +76,35 @@ class Janitor:
         reason: str = "periodic",
         now: float | None = None,
     ) -> PurgeResult:
-        """One pass: sweep orphans, then expired blobs, then the least recently used above the cap."""
+        """One pass: sweep orphans, then expired blobs, then the least recently used above the cap.
+
+        One janitor at a time over a shared cache: a pass that finds another running does nothing.
+        """
+        with self._only_janitor() as alone:
+            if not alone:
+                log.info("purge skipped: another janitor is running on this cache")
+                return PurgeResult(dry_run=dry_run, skipped=True)
+            return self._purge(dry_run=dry_run, older_than=older_than, to_size=to_size, reason=reason, now=now)
+
+    @contextlib.contextmanager
+    def _only_janitor(self) -> Iterator[bool]:
+        """The database's lock (PostgreSQL) and a lock file in the cache dir (every engine)."""
+        self.store.root.mkdir(parents=True, exist_ok=True)
+        with open(self.store.root / "janitor.lock", "a+") as lock_file:
+            try:
+                fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                with self.index.exclusive("janitor") as got:
+                    yield got
+            finally:
+                fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+    def _purge(
+        self, *, dry_run: bool, older_than: float | None, to_size: int | None, reason: str, now: float | None
+    ) -> PurgeResult:
         started = time.time()
         now = now if now is not None else started
         result = PurgeResult(dry_run=dry_run)
