@@ -30,6 +30,7 @@ from proxy.sources.web import WebMirror
 from proxy.stats import Traffic
 from proxy.store.blobs import BlobStore
 from proxy.store.cache import BlobCache
+from proxy.store.leases import FillLeases
 from proxy.store.index import Index, make_engine
 from proxy.store.janitor import Janitor, Policy, PurgeResult, TtlRule
 
@@ -63,9 +64,10 @@ def create_app(settings: Settings) -> Starlette:
     settings.cache_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.effective_database_url)
     index = Index(engine)
-    store = BlobStore(settings.cache_dir)
+    store = BlobStore(settings.cache_dir, node_id=settings.node_name)
     traffic = Traffic(index, node=store.node_id)
-    cache = BlobCache(store, index, listener=traffic)
+    leases = FillLeases(index, store.node_id, settings.fill_lease)
+    cache = BlobCache(store, index, listener=traffic, leases=leases, follow_streams=settings.follow_fills == "stream")
     janitor = Janitor(store, index, purge_policy(settings))
     http = upstream_http_client()
     blob_transport = BlobTransport(user_agent=USER_AGENT)

@@ -133,7 +133,7 @@ def _offline_parts(settings: Settings) -> tuple[BlobStore, Index]:
     settings.cache_dir.mkdir(parents=True, exist_ok=True)
     if settings.effective_database_url.startswith("sqlite"):
         upgrade(settings.effective_database_url)
-    return BlobStore(settings.cache_dir), Index(make_engine(settings.effective_database_url))
+    return BlobStore(settings.cache_dir, node_id=settings.node_name), Index(make_engine(settings.effective_database_url))
 
 
 @main.command()

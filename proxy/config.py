@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -252,6 +253,10 @@ class ResourceSet(BaseModel):
         return self
 
 
+_NODE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,199}")
+_NODE_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+
+
 class Settings(BaseSettings):
     """Everything pullthrough reads from its configuration, validated."""
 
@@ -275,6 +280,10 @@ class Settings(BaseSettings):
     web: WebConfig = Field(default_factory=WebConfig)
     resource_sets: list[ResourceSet] = Field(default_factory=list)
     prefetch_on_start: bool = True
+    # -- a fleet sharing one cache_dir and one PostgreSQL database ------------------------------
+    node: str | None = None  # unique per node sharing the cache: names its temp files and counters (default: hostname)
+    fill_lease: Duration = 15.0  # a filling node silent this long loses its download to another node
+    follow_fills: Literal["stream", "commit"] = "stream"  # read another node's growing temp file, or wait for its commit
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
@@ -287,7 +296,15 @@ class Settings(BaseSettings):
             raise ValueError(f"registries: name {duplicates[0]!r} appears twice")
         if sum(r.default for r in self.registries) > 1:
             raise ValueError("registries: only one registry may have default = true")
+        if self.node is not None and not _NODE_NAME.fullmatch(self.node):
+            raise ValueError(f"node {self.node!r}: use letters, digits, '.', '_' and '-' (at most 200)")
+        if self.fill_lease < 1:
+            raise ValueError("fill_lease must be at least 1s")
         return self
+
+    @property
+    def node_name(self) -> str:
+        return self.node or _NODE_NAME_UNSAFE.sub("_", socket.gethostname())[:200]
 
     @property
     def host(self) -> str:

@@ -22,7 +22,7 @@ from proxy.store.index import CounterKey, Index
 
 log = logging.getLogger(__name__)
 
-COUNTERS = ("requests", "hits", "misses", "bytes_from_cache", "bytes_from_upstream", "coalesced")
+COUNTERS = ("requests", "hits", "misses", "bytes_from_cache", "bytes_from_upstream", "coalesced", "fleet_followed", "fleet_takeovers")
 FLUSH_SECONDS = 10.0
 HISTORY_POINTS = 1080  # three hours of 10 s points
 USAGE_SECONDS = 10.0  # how long a size/entry count from the index is reused
@@ -59,6 +59,10 @@ class Traffic:
             "pullthrough_fill_seconds", "Time to fetch and commit one blob.", [*labels, "outcome"],
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600), registry=self.registry,
         )
+        self._fleet = PromCounter(
+            "pullthrough_fleet_fills", "Fills another node of the fleet downloaded (followed) or that this node took over from a silent one.",
+            [*labels, "event"], registry=self.registry,
+        )
         self._cache_bytes = Gauge("pullthrough_cache_bytes", "Bytes in the cache.", registry=self.registry)
         self._cache_entries = Gauge("pullthrough_cache_entries", "Blobs in the cache.", registry=self.registry)
         self.purges = PromCounter("pullthrough_purges", "Janitor passes.", ["reason"], registry=self.registry)
@@ -90,6 +94,14 @@ class Traffic:
     def fill_finished(self, origin: Origin, nbytes: int, seconds: float, ok: bool) -> None:
         self.fetched(origin, nbytes)
         self._fills.labels(origin.source, origin.upstream, "ok" if ok else "failed").observe(seconds)
+
+    def fill_followed(self, origin: Origin) -> None:
+        self._count(origin, "fleet_followed")
+        self._fleet.labels(origin.source, origin.upstream, "followed").inc()
+
+    def fill_taken_over(self, origin: Origin) -> None:
+        self._count(origin, "fleet_takeovers")
+        self._fleet.labels(origin.source, origin.upstream, "taken_over").inc()
 
     def _count(self, origin: Origin, name: str, amount: int = 1) -> None:
         self._pending[CounterKey(origin.source, origin.upstream, name)] += amount

@@ -22,43 +22,74 @@ from proxy.store.blobs import BlobFile
 CHUNK = 4 * 1024 * 1024
 
 
-class ByteSource(Protocol):
-    async def open_fd(self) -> int:
-        """A descriptor of the caller's own (it closes it)."""
-        ...
+class Reader(Protocol):
+    """A descriptor of the reader's own, and how far it may be read yet."""
+
+    fd: int
 
     async def readable(self, pos: int, end: int) -> int:
-        """Wait until bytes past `pos` may be read; how far [pos, end) may be read now."""
+        """Wait until bytes past `pos` may be read; how far [pos, end) may be read now. May move
+        `fd` to another file holding the same bytes (a fill taken over by another process)."""
         ...
+
+    def close(self) -> None: ...
+
+
+class ByteSource(Protocol):
+    async def reader(self) -> Reader: ...
+
+
+class InUse(Protocol):
+    """Told which committed blobs are being read, so that no janitor removes them meanwhile."""
+
+    def opened(self, blob: BlobFile) -> None: ...
+
+    def closed(self, blob: BlobFile) -> None: ...
+
+
+class FileReader:
+    def __init__(self, fd: int, blob: BlobFile, in_use: InUse | None) -> None:
+        self.fd = fd
+        self._blob = blob
+        self._in_use = in_use
+        if in_use is not None:
+            in_use.opened(blob)
+
+    async def readable(self, pos: int, end: int) -> int:
+        return end
+
+    def close(self) -> None:
+        os.close(self.fd)
+        if self._in_use is not None:
+            self._in_use.closed(self._blob)
 
 
 class FileSource:
     """A committed blob on disk: everything is readable at once."""
 
-    def __init__(self, blob: BlobFile) -> None:
+    def __init__(self, blob: BlobFile, in_use: InUse | None = None) -> None:
         self.blob = blob
+        self._in_use = in_use
 
-    async def open_fd(self) -> int:
-        return await anyio.to_thread.run_sync(os.open, self.blob.path, os.O_RDONLY | os.O_CLOEXEC)
-
-    async def readable(self, pos: int, end: int) -> int:
-        return end
+    async def reader(self) -> FileReader:
+        fd = await anyio.to_thread.run_sync(os.open, self.blob.path, os.O_RDONLY | os.O_CLOEXEC)
+        return FileReader(fd, self.blob, self._in_use)
 
 
 async def iter_bytes(source: ByteSource, start: int, end: int) -> AsyncIterator[bytes]:
     """The bytes [start, end) of a source as they become readable."""
-    fd = await source.open_fd()
+    reader = await source.reader()
     try:
         pos = start
         while pos < end:
-            limit = await source.readable(pos, end)
-            data = await anyio.to_thread.run_sync(os.pread, fd, min(CHUNK, limit - pos), pos)
+            limit = await reader.readable(pos, end)
+            data = await anyio.to_thread.run_sync(os.pread, reader.fd, min(CHUNK, limit - pos), pos)
             if not data:
                 raise OSError(f"blob file ended at {pos}, expected {end} bytes")
             pos += len(data)
             yield data
     finally:
-        os.close(fd)
+        reader.close()
 
 
 class BlobResponse(Response):
@@ -77,15 +108,15 @@ class BlobResponse(Response):
                 start += len(data)
                 await send({"type": "http.response.body", "body": data, "more_body": start < end})
             return
-        fd = await self._source.open_fd()
+        reader = await self._source.reader()
         try:
             pos = start
             while pos < end:
-                limit = await self._source.readable(pos, end)
-                await send({"type": ZEROCOPY, "file": fd, "offset": pos, "count": limit - pos, "more_body": limit < end})
+                limit = await reader.readable(pos, end)
+                await send({"type": ZEROCOPY, "file": reader.fd, "offset": pos, "count": limit - pos, "more_body": limit < end})
                 pos = limit
         finally:
-            os.close(fd)
+            reader.close()
 
 
 def blob_response(

@@ -113,7 +113,7 @@ class ObjectMirror:
             blob = await fill.finished()
             if blob is None:
                 raise Unreachable(f"fetching {key} failed")
-            return self._respond(FileSource(blob), blob.size, request, version.headers, version.content_type)
+            return self._respond(FileSource(blob, self._cache.in_use), blob.size, request, version.headers, version.content_type)
         return self._respond(fill, size, request, version.headers, version.content_type)
 
     async def fetch(self, key: str, *, origin: Origin, ttl: float | None, probe: Probe) -> Digest:
@@ -144,7 +144,7 @@ class ObjectMirror:
             return None
         self._traffic.hit(origin, blob.size if request.method == "GET" else 0, repository)
         headers = dict(ref.meta.get("headers") or {})
-        return self._respond(FileSource(blob), blob.size, request, headers, str(ref.meta.get("content_type") or "application/octet-stream"))
+        return self._respond(FileSource(blob, self._cache.in_use), blob.size, request, headers, str(ref.meta.get("content_type") or "application/octet-stream"))
 
     def _after(self, fill: Fill, key: str, version: Version, ttl: float | None) -> None:
         """Once the fill is complete, name its digest under the key."""

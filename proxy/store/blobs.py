@@ -10,9 +10,11 @@ import hashlib
 import logging
 import os
 import queue
+import re
 import secrets
-import threading
 import socket
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,7 +115,7 @@ class BlobStore:
         self.blobs_dir = root / "blobs"
         self.tmp_dir = root / "tmp"
         # Temp names carry the node so that nodes sharing one mount never sweep each other's fills.
-        self.node_id = node_id or socket.gethostname().replace("/", "_")
+        self.node_id = node_id or re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())
 
     def prepare(self) -> None:
         """Blocking: create the folders and sweep temp files that crashed processes of this node left.
@@ -125,8 +127,7 @@ class BlobStore:
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         swept = 0
         for entry in self.tmp_dir.iterdir():
-            node, _, rest = entry.name.partition(".")
-            pid = rest.partition(".")[0]
+            node, pid, _ = (entry.name.rsplit(".", 2) + ["", ""])[:3]  # node names may hold dots
             if node == self.node_id and pid.isdigit() and not _process_alive(int(pid)):
                 entry.unlink(missing_ok=True)
                 swept += 1
@@ -145,10 +146,40 @@ class BlobStore:
             return None
         return BlobFile(digest, path, size)
 
-    def new_temp(self, *, hash_in_background: bool = False) -> TempBlob:
+    def temp_name(self) -> str:
+        """A fresh temp file name: node.pid.random (the owner of a fill lease is this name)."""
+        return f"{self.node_id}.{os.getpid()}.{secrets.token_hex(8)}"
+
+    def new_temp(self, *, name: str | None = None, hash_in_background: bool = False) -> TempBlob:
         """Blocking: a fresh temp file for a fill."""
-        name = f"{self.node_id}.{os.getpid()}.{secrets.token_hex(8)}"
-        return TempBlob(self.tmp_dir / name, hash_in_background=hash_in_background)
+        return TempBlob(self.tmp_dir / (name or self.temp_name()), hash_in_background=hash_in_background)
+
+    def open_temp(self, name: str) -> int | None:
+        """Blocking: a read-only descriptor on another process's temp file, or None if it is gone.
+
+        The name comes from the index, and is checked by the caller (leases.valid_owner)."""
+        if "/" in name or name.startswith("."):
+            raise ValueError(f"not a temp file name: {name!r}")
+        try:
+            return os.open(self.tmp_dir / name, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+
+    def sweep_stale_temps(self, older_than: float) -> int:
+        """Blocking: remove temp files nobody wrote to for `older_than` seconds, whatever their node.
+
+        A live fill appends continuously, so only the leftovers of a node that died and was never
+        started again under the same name get this old."""
+        cutoff = time.time() - older_than
+        removed = 0
+        for entry in self.tmp_dir.iterdir():
+            try:
+                if entry.stat().st_mtime < cutoff:
+                    entry.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        return removed
 
     @staticmethod
     def verify(temp: TempBlob, digest: Digest, expected_size: int | None) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
 import anyio
@@ -18,6 +18,7 @@ from proxy.store.blobs import BlobFile, BlobStore
 from proxy.store.digest import Digest
 from proxy.store.fill import Fill, Filler, FillListener, Opener, Origin
 from proxy.store.index import Index, Reference
+from proxy.store.leases import FillLeases
 
 log = logging.getLogger(__name__)
 
@@ -83,25 +84,53 @@ class AccessLog:
     def __init__(self) -> None:
         self._pending: dict[str, tuple[float, int]] = {}
 
-    def touch(self, digest: Digest) -> None:
+    def touch(self, digest: Digest, *, hit: bool = True) -> None:
         key = str(digest)
         _, hits = self._pending.get(key, (0.0, 0))
-        self._pending[key] = (time.time(), hits + 1)
+        self._pending[key] = (time.time(), hits + hit)
 
     def take(self) -> dict[str, tuple[float, int]]:
         pending, self._pending = self._pending, {}
         return pending
 
 
+class BlobsInUse:
+    """Committed blobs some response is reading now. Each access flush marks them as just used, so
+    a janitor on any node, which spares what was read within its grace period, leaves them alone
+    for as long as they are read (unlinking a file another NFS client has open breaks its reads)."""
+
+    def __init__(self) -> None:
+        self._readers: Counter[Digest] = Counter()
+
+    def opened(self, blob: BlobFile) -> None:
+        self._readers[blob.digest] += 1
+
+    def closed(self, blob: BlobFile) -> None:
+        self._readers[blob.digest] -= 1
+        if self._readers[blob.digest] <= 0:
+            del self._readers[blob.digest]
+
+    def digests(self) -> list[Digest]:
+        return list(self._readers)
+
+
 class BlobCache:
     """Everything a source needs from the store, async."""
 
     def __init__(
-        self, store: BlobStore, index: Index, *, listener: FillListener | None = None, small_object_bytes: int = 64 * 1024 * 1024
+        self,
+        store: BlobStore,
+        index: Index,
+        *,
+        listener: FillListener | None = None,
+        leases: FillLeases | None = None,
+        follow_streams: bool = True,
+        small_object_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         self.store = store
         self.index = index
-        self.filler = Filler(store, self._record_commit, listener)
+        self.filler = Filler(store, self._record_commit, listener, leases, follow_streams=follow_streams)
+        self.in_use = BlobsInUse()
         self.small = SmallObjectCache(small_object_bytes)
         self.references = ReferenceMemo()
         self.access = AccessLog()
@@ -199,6 +228,8 @@ class BlobCache:
 
     # -- access times ----------------------------------------------------------------------------
     async def flush_access(self) -> None:
+        for digest in self.in_use.digests():
+            self.access.touch(digest, hit=False)
         batch = self.access.take()
         if batch:
             await anyio.to_thread.run_sync(self.index.record_access, batch)

@@ -108,6 +108,27 @@ class ReferenceRow(Base):
     meta: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
 
+class FillLeaseRow(Base):
+    """Which process of the fleet is downloading a key right now, so that the others follow it.
+
+    `heartbeat` counts the owner's renewals: followers judge liveness by seeing it change on their
+    own monotonic clock, so the nodes' wall clocks never have to agree.
+    """
+
+    __tablename__ = "fill_leases"
+
+    key_hash: Mapped[str] = mapped_column(String(64), primary_key=True)  # sha256 of the fill key
+    key: Mapped[str] = mapped_column(String(1024))
+    owner: Mapped[str] = mapped_column(String(255))  # the owner's temp file name under tmp/
+    node: Mapped[str] = mapped_column(String(255))
+    state: Mapped[str] = mapped_column(String(16))  # opening, streaming, committed, failed
+    size: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    digest: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    heartbeat: Mapped[int] = mapped_column(BigInteger)
+    started_at: Mapped[float] = mapped_column(Double)
+    renewed_at: Mapped[float] = mapped_column(Double, index=True)
+
+
 @dataclass(frozen=True)
 class Reference:
     source: str
@@ -132,6 +153,20 @@ class BlobRecord:
     hits: int
     source: str | None = None
     upstream: str | None = None
+
+
+@dataclass(frozen=True)
+class FillLease:
+    key_hash: str
+    key: str
+    owner: str
+    node: str
+    state: str
+    size: int | None
+    digest: str | None
+    heartbeat: int
+    started_at: float
+    renewed_at: float
 
 
 @dataclass(frozen=True)
@@ -333,6 +368,70 @@ class Index:
                     connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
                 connection.commit()
 
+    # -- fill leases ----------------------------------------------------------------------------
+    def claim_fill(self, key_hash: str, key: str, owner: str, node: str) -> FillLease:
+        """Insert a lease for `owner` unless one exists; the lease that holds the key now."""
+        now = time.time()
+        stmt = self._insert()(FillLeaseRow).values(
+            key_hash=key_hash, key=key[:1024], owner=owner, node=node, state="opening",
+            heartbeat=0, started_at=now, renewed_at=now,
+        ).on_conflict_do_nothing(index_elements=["key_hash"])
+        with Session(self.engine) as session, session.begin():
+            session.execute(stmt)
+            row = session.get(FillLeaseRow, key_hash)
+            assert row is not None
+            return _lease(row)
+
+    def take_over_fill(self, lease: FillLease, owner: str, node: str) -> bool:
+        """Replace `lease` by one of `owner`, only if it is still exactly as seen (compare and swap)."""
+        now = time.time()
+        stmt = (
+            update(FillLeaseRow)
+            .where(
+                FillLeaseRow.key_hash == lease.key_hash,
+                FillLeaseRow.owner == lease.owner,
+                FillLeaseRow.heartbeat == lease.heartbeat,
+            )
+            .values(owner=owner, node=node, state="opening", size=None, digest=None, heartbeat=0, started_at=now, renewed_at=now)
+        )
+        with self.engine.begin() as connection:
+            return connection.execute(stmt).rowcount == 1
+
+    def update_fill(self, key_hash: str, owner: str, **values: Any) -> bool:
+        """Renew the owner's lease (heartbeat + 1), setting state, size or digest; False if it was lost."""
+        stmt = (
+            update(FillLeaseRow)
+            .where(FillLeaseRow.key_hash == key_hash, FillLeaseRow.owner == owner)
+            .values(heartbeat=FillLeaseRow.heartbeat + 1, renewed_at=time.time(), **values)
+        )
+        with self.engine.begin() as connection:
+            return connection.execute(stmt).rowcount == 1
+
+    def release_fill(self, key_hash: str, owner: str) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(delete(FillLeaseRow).where(FillLeaseRow.key_hash == key_hash, FillLeaseRow.owner == owner))
+
+    def get_fill(self, key_hash: str) -> FillLease | None:
+        with Session(self.engine) as session:
+            row = session.get(FillLeaseRow, key_hash)
+            return _lease(row) if row is not None else None
+
+    def active_fills(self) -> list[FillLease]:
+        with Session(self.engine) as session:
+            rows = session.scalars(select(FillLeaseRow).where(FillLeaseRow.state.in_(("opening", "streaming"))))
+            return [_lease(row) for row in rows]
+
+    def drop_old_fills(self, *, finished_before: float, renewed_before: float) -> int:
+        """Forget finished leases, and leases nobody renewed for a long time (their nodes are gone)."""
+        stmt = delete(FillLeaseRow).where(
+            or_(
+                and_(FillLeaseRow.state.in_(("committed", "failed")), FillLeaseRow.renewed_at < finished_before),
+                FillLeaseRow.renewed_at < renewed_before,
+            )
+        )
+        with self.engine.begin() as connection:
+            return int(connection.execute(stmt).rowcount or 0)
+
     # -- pins ---------------------------------------------------------------------------------
     def pin(self, name: str, digests: list[str]) -> None:
         now = time.time()
@@ -371,6 +470,12 @@ class Index:
                 .group_by(CounterRow.source, CounterRow.upstream, CounterRow.name)
             )
             return {CounterKey(source, upstream, name): int(value) for source, upstream, name, value in rows}
+
+
+def _lease(row: FillLeaseRow) -> FillLease:
+    return FillLease(
+        row.key_hash, row.key, row.owner, row.node, row.state, row.size, row.digest, row.heartbeat, row.started_at, row.renewed_at
+    )
 
 
 def _reference(row: ReferenceRow) -> Reference:

@@ -27,6 +27,8 @@ from proxy.store.index import Index, PurgeRecord
 log = logging.getLogger(__name__)
 
 BATCH = 5000
+FINISHED_LEASE_SECONDS = 600.0  # followers read a committed lease's digest within a second
+STALE_SECONDS = 3600.0  # a live fill writes its temp file and renews its lease far more often
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -110,6 +112,7 @@ class Janitor:
         result = PurgeResult(dry_run=dry_run)
         if not dry_run:
             result.orphan_files, result.orphan_rows = self.sweep()
+            self._forget_old_fills(now)
         chosen: dict[str, int] = dict(self._expired(now, older_than))
         if not dry_run:
             self._remove(list(chosen))  # before the size pass, which then need not skip them
@@ -127,6 +130,14 @@ class Janitor:
             reason, " dry run" if dry_run else "", len(chosen), result.bytes_removed, result.orphan_files, result.orphan_rows,
         )
         return result
+
+    def _forget_old_fills(self, now: float) -> None:
+        """Drop lease rows of finished fills and temp files no process has written to for an hour:
+        what nodes that died and never came back under the same name left behind."""
+        leases = self.index.drop_old_fills(finished_before=now - FINISHED_LEASE_SECONDS, renewed_before=now - STALE_SECONDS)
+        temps = self.store.sweep_stale_temps(STALE_SECONDS)
+        if leases or temps:
+            log.info("forgot %d finished fill leases and %d stale temp files", leases, temps)
 
     def _expired(self, now: float, older_than: float | None) -> list[tuple[str, int]]:
         if older_than is not None:

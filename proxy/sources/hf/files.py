@@ -235,7 +235,7 @@ class FileService:
             if blob is not None:
                 if meta.lfs:
                     self._traffic.hit(self._origin, blob.size, repo.key)
-                return blob_response(FileSource(blob), blob.size, method="GET", range_header=range_header, headers=headers, media_type=meta.content_type)
+                return blob_response(FileSource(blob, self._cache.in_use), blob.size, method="GET", range_header=range_header, headers=headers, media_type=meta.content_type)
             fill, joined = self._cache.fill(
                 digest, lambda: self._client.open_file(repo, commit, path, token), origin=self._origin, expected_size=meta.size
             )

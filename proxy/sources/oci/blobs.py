@@ -36,7 +36,7 @@ class BlobService:
         blob = await self._cache.lookup(digest)
         if blob is not None:
             self._traffic.hit(origin, blob.size if request.method == "GET" else 0, target.repository)
-            return self._respond(FileSource(blob), blob.size, request, headers)
+            return self._respond(FileSource(blob, self._cache.in_use), blob.size, request, headers)
         client = self._clients[target.registry.name]
         if request.method == "HEAD" and self._cache.filler.inflight(str(digest)) is None:
             upstream = await client.head_blob(target.repository, str(digest))
@@ -49,7 +49,7 @@ class BlobService:
         if size is None:
             # The upstream announced no length: the client gets the blob once it is whole.
             blob = await _finished(fill)
-            return self._respond(FileSource(blob), blob.size, request, headers)
+            return self._respond(FileSource(blob, self._cache.in_use), blob.size, request, headers)
         return self._respond(fill, size, request, headers)
 
     async def fetch(self, registry: str, repository: str, digest: Digest) -> int:

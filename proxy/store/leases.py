@@ -1,0 +1,134 @@
+"""Fill leases: one download per key for every process that shares the cache directory and index.
+
+A process about to fetch a key claims its lease, a row naming the owner's temp file under tmp/.
+The others follow that file as it grows instead of going upstream. The owner renews the lease by
+bumping a heartbeat counter. A follower that sees no heartbeat for `lease_seconds` of its own
+monotonic clock takes the lease over with a compare-and-swap on (owner, heartbeat). Only one
+follower can win the swap, so a dead owner costs at most one more upstream fetch. No wall clock
+is compared, so nodes need not agree on the time.
+
+If the index cannot be reached, the fill goes ahead without coordination: the fleet may then
+fetch twice, which is better than failing a pull.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+
+import anyio
+
+from proxy.store.index import FillLease, Index
+
+log = logging.getLogger(__name__)
+
+# How often a follower re-reads the lease row; the file itself is watched every FOLLOW_POLL.
+LEASE_POLL_SECONDS = 0.25
+# node.pid.random, as BlobStore names temp files: checked before any lease owner becomes a path.
+_OWNER = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,200}\.[0-9]+\.[0-9a-f]{16}")
+
+
+class LeaseState:
+    OPENING = "opening"
+    STREAMING = "streaming"
+    COMMITTED = "committed"
+    FAILED = "failed"
+
+
+def key_hash(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def valid_owner(owner: str) -> bool:
+    """Whether a lease's owner can name a file in tmp/: the database is not trusted with paths."""
+    return _OWNER.fullmatch(owner) is not None
+
+
+def owner_is_dead_here(lease: FillLease, node: str) -> bool:
+    """An owner on this very node whose process is gone: no need to wait for its heartbeat."""
+    if lease.node != node:
+        return False
+    pid = lease.owner.rsplit(".", 2)[-2] if valid_owner(lease.owner) else ""
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+@dataclass
+class Liveness:
+    """A follower's view of an owner: alive while its heartbeat keeps changing."""
+
+    lease_seconds: float
+    owner: str = ""
+    heartbeat: int = -1
+    seen_at: float = field(default_factory=time.monotonic)
+
+    def observe(self, lease: FillLease) -> None:
+        if lease.owner != self.owner or lease.heartbeat != self.heartbeat:
+            self.owner, self.heartbeat, self.seen_at = lease.owner, lease.heartbeat, time.monotonic()
+
+    def silent(self) -> bool:
+        return time.monotonic() - self.seen_at > self.lease_seconds
+
+
+class FillLeases:
+    """The async face of the lease rows. Every method swallows database errors into "unknown"."""
+
+    def __init__(self, index: Index, node: str, lease_seconds: float = 15.0) -> None:
+        self.index = index
+        self.node = node
+        self.lease_seconds = lease_seconds
+
+    async def acquire(self, key: str, owner: str, seen: FillLease | None = None) -> FillLease | None:
+        """The lease holding `key` now: ours (owner == `owner`) if it was free, or if `seen` (a lease
+        found dead or finished) was still in place and we swapped it; another's otherwise.
+        None when the index could not be asked."""
+        digest = key_hash(key)
+        try:
+            if seen is not None:
+                if await anyio.to_thread.run_sync(self.index.take_over_fill, seen, owner, self.node):
+                    log.info("took over the fill of %s from %s on %s", key, seen.owner, seen.node)
+                    return await anyio.to_thread.run_sync(self.index.get_fill, digest)
+                current = await anyio.to_thread.run_sync(self.index.get_fill, digest)
+                if current is not None:
+                    return current
+            return await anyio.to_thread.run_sync(self.index.claim_fill, digest, key, owner, self.node)
+        except Exception as exc:  # noqa: BLE001 - see the module's docstring
+            log.warning("fill lease for %s unavailable, fetching without coordination: %s", key, exc)
+            return None
+
+    async def get(self, key: str) -> FillLease | None:
+        """The lease row; raises when the index cannot be read (the caller decides what that means)."""
+        return await anyio.to_thread.run_sync(self.index.get_fill, key_hash(key))
+
+    async def update(self, key: str, owner: str, **values: object) -> bool:
+        """Renew (and change) our lease; False if it was lost or the index is unreachable."""
+        try:
+            return await anyio.to_thread.run_sync(lambda: self.index.update_fill(key_hash(key), owner, **values))
+        except Exception as exc:  # noqa: BLE001
+            log.warning("could not renew the fill lease of %s: %s", key, exc)
+            return False
+
+    async def release(self, key: str, owner: str) -> None:
+        try:
+            await anyio.to_thread.run_sync(self.index.release_fill, key_hash(key), owner)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("could not release the fill lease of %s: %s", key, exc)
+
+    async def keep_renewed(self, key: str, owner: str) -> None:
+        """Run beside an owner's fill: a heartbeat every third of the lease."""
+        while True:
+            await asyncio.sleep(self.lease_seconds / 3)
+            if not await self.update(key, owner):
+                log.warning("fill lease of %s lost: another node may be fetching it too", key)
