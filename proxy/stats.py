@@ -127,16 +127,15 @@ class Traffic:
         await self.flush()
 
     async def flush(self) -> None:
+        """Save this node's counts, and read every node's back: /stats adds up the whole fleet."""
         pending, self._pending = self._pending, Counter()
-        if not pending:
-            return
-        try:
-            await anyio.to_thread.run_sync(self._index.add_counters, self._node, dict(pending))
-        except Exception:
-            self._pending.update(pending)  # try again next time
-            raise
-        for key, value in pending.items():
-            self._saved[key] = self._saved.get(key, 0) + value
+        if pending:
+            try:
+                await anyio.to_thread.run_sync(self._index.add_counters, self._node, dict(pending))
+            except Exception:
+                self._pending.update(pending)  # try again next time
+                raise
+        self._saved = await anyio.to_thread.run_sync(self._index.counters)
 
     async def _flush_periodically(self) -> None:
         while True:

@@ -103,3 +103,18 @@ def test_the_readme_config_example_loads(tmp_path: Path) -> None:
     settings = load_settings(write(tmp_path / "c.toml", example))
     assert settings.registries[0].name == "docker.io" and settings.registries[0].default
     assert settings.hf.revision_ttl == 300
+
+
+def test_node_names_that_could_not_name_a_temp_file_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PULLTHROUGH_CONFIG", raising=False)
+    for bad in ["../etc", "a/b", ".hidden", "", "x" * 201, "gpu 7"]:
+        monkeypatch.setenv("PULLTHROUGH_NODE", bad)
+        with pytest.raises(ConfigError, match="node"):
+            load_settings()
+    monkeypatch.setenv("PULLTHROUGH_NODE", "gpu-07.rack_2")
+    settings = load_settings(fill_lease="5s")
+    assert settings.node_name == "gpu-07.rack_2" and settings.fill_lease == 5
+    monkeypatch.delenv("PULLTHROUGH_NODE")
+    assert load_settings().node_name  # the hostname, made safe
+    with pytest.raises(ConfigError, match="fill_lease"):
+        load_settings(fill_lease="0s")

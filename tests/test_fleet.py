@@ -19,7 +19,7 @@ import pytest
 from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
-from proxy.store.index import PurgeRow
+from proxy.store.index import Index, PurgeRow, make_engine
 from tests.conftest import drop_postgres_database, fresh_postgres_database, require_tool
 from tests.servers.pullthrough import Pullthrough
 from tests.servers.registry import Distribution, ThrottledRelay
@@ -172,7 +172,15 @@ def test_the_janitors_of_three_nodes_never_run_at_the_same_time(upstream: Distri
     nodes = start_fleet(upstream.url, purge_interval="0.2s")
     for node in nodes:  # something for the janitors to look at
         assert httpx.get(f"{node.url}/v2/library/big/blobs/{layer.digest}", timeout=60).status_code == 200
-    time.sleep(6)  # about 30 periodic passes a node would start
+    time.sleep(3)  # about 15 periodic passes a node would start
+    index = Index(make_engine(database))
+    with index.exclusive("janitor") as held:  # a fourth janitor, in this process, for 2 s
+        assert held
+        held_from = time.time()
+        time.sleep(2)
+        held_until = time.time()
+    time.sleep(2)
+    index.engine.dispose()
     engine = create_engine(database)
     with Session(engine) as session:
         passes = [(row.started_at, row.finished_at) for row in session.scalars(select(PurgeRow).order_by(PurgeRow.started_at))]
@@ -180,5 +188,6 @@ def test_the_janitors_of_three_nodes_never_run_at_the_same_time(upstream: Distri
     assert len(passes) >= 10, passes
     overlaps = [(a, b) for a, b in zip(passes, passes[1:]) if b[0] < a[1]]
     assert overlaps == []
+    assert [p for p in passes if held_from < p[0] < held_until] == []  # none ran while this one held the lock
     skipped = sum(node.log_text().count("another janitor is running") for node in nodes)
-    assert skipped >= 1  # they did contend: some passes found another janitor at work
+    assert skipped >= 3  # every node tried meanwhile, and stood aside

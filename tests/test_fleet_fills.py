@@ -46,12 +46,23 @@ class Node:
         self.cache = BlobCache(BlobStore(root, node_id=name), index, leases=self.leases, follow_streams=follow_streams)
 
     def go_silent(self) -> None:
-        """Stop renewing leases, as a node does when it is killed or cut off (its fill goes on)."""
+        """Write no more to the leases, as a node that is killed or cut off (its fill goes on)."""
 
-        async def never_renew(key: str, owner: str) -> None:
-            await asyncio.Event().wait()
+        async def lost(key: str, owner: str, **values: object) -> bool:
+            return False
 
-        self.leases.keep_renewed = never_renew  # type: ignore[method-assign]
+        self.leases.update = lost  # type: ignore[method-assign]
+
+    def publish_no_progress(self) -> None:
+        """Keep the heartbeat going but never publish a synced watermark."""
+
+        async def heartbeat_only(key: str, owner: str, sync) -> None:  # type: ignore[no-untyped-def]
+            async def nothing_synced() -> None:
+                return None
+
+            await FillLeases.keep_renewed(self.leases, key, owner, nothing_synced)
+
+        self.leases.keep_renewed = heartbeat_only  # type: ignore[method-assign]
 
 
 @pytest.fixture
@@ -109,14 +120,14 @@ async def test_a_silent_filler_is_taken_over_and_followers_get_every_byte_with_o
     data = os.urandom(5 * 1024 * 1024)
     digest = digest_of(data)
     upstream_a, upstream_b = ScriptedUpstream(data, chunk=256 * 1024), ScriptedUpstream(data, chunk=256 * 1024)
-    upstream_a.stall_at = 2 * 1024 * 1024  # node a stops half way and never renews its lease
+    upstream_a.stall_at = 2 * 1024 * 1024  # node a stops half way, then stops renewing its lease
     upstream_a.release.clear()
-    a.go_silent()
     fill_a, _ = a.cache.fill(digest, upstream_a.open, origin=ORIGIN)
     await wait_for(lambda: fill_a.written > 0)
     fill_b, _ = b.cache.fill(digest, upstream_b.open, origin=ORIGIN)
     readers = [asyncio.create_task(collect(fill_b)) for _ in range(3)]
     await wait_for(lambda: fill_b.written >= 2 * 1024 * 1024)  # served from node a's file so far
+    a.go_silent()
     assert fill_b.node == "a" and fill_b.generation == 0
     bodies = await asyncio.wait_for(asyncio.gather(*readers), 20)
     assert all(body == data for body in bodies)
@@ -136,7 +147,6 @@ async def test_bytes_served_before_a_takeover_that_differ_from_the_blob_fail_the
     upstream_a, upstream_b = ScriptedUpstream(bytes(corrupt), chunk=256 * 1024), ScriptedUpstream(data)
     upstream_a.stall_at = 2 * 1024 * 1024
     upstream_a.release.clear()
-    a.go_silent()
     fill_a, _ = a.cache.fill(digest_of(data), upstream_a.open, origin=ORIGIN)
     await wait_for(lambda: fill_a.written > 0)
     fill_b, _ = b.cache.fill(digest_of(data), upstream_b.open, origin=ORIGIN)
@@ -144,8 +154,31 @@ async def test_bytes_served_before_a_takeover_that_differ_from_the_blob_fail_the
     with pytest.raises(FillFailed):
         async for chunk in iter_bytes(fill_b, 0, len(data)):
             received += chunk
+            if len(received) >= 2 * 1024 * 1024:
+                a.go_silent()
     assert len(received) < len(data)  # a truncated body, never a complete wrong one
     upstream_a.abort()
+    await a.cache.aclose(), await b.cache.aclose()
+
+
+async def test_a_follower_reads_no_further_than_the_owner_has_synced_and_published(shared: tuple[Path, str]) -> None:
+    a, b = Node("a", *shared), Node("b", *shared)
+    a.publish_no_progress()
+    await a.cache.start(), await b.cache.start()
+    data = os.urandom(3 * 1024 * 1024)
+    upstream_a, upstream_b = ScriptedUpstream(data, chunk=256 * 1024), ScriptedUpstream(data)
+    upstream_a.stall_at = 2 * 1024 * 1024
+    upstream_a.release.clear()
+    fill_a, _ = a.cache.fill(digest_of(data), upstream_a.open, origin=ORIGIN)
+    fill_b, _ = b.cache.fill(digest_of(data), upstream_b.open, origin=ORIGIN)
+    assert await asyncio.wait_for(fill_b.opened(), 5) == len(data)  # following node a's file
+    await wait_for(lambda: os.path.getsize(a.cache.store.tmp_dir / os.listdir(a.cache.store.tmp_dir)[0]) >= 2 * 1024 * 1024)
+    await asyncio.sleep(1.0)  # three heartbeats, none with a watermark
+    assert fill_b.written == 0  # the file's length alone is not trusted
+    body = asyncio.create_task(collect(fill_b))
+    upstream_a.release.set()
+    assert await asyncio.wait_for(body, 10) == data  # the commit releases everything
+    assert upstream_b.opens == 0
     await a.cache.aclose(), await b.cache.aclose()
 
 
@@ -255,3 +288,18 @@ async def test_the_janitor_forgets_finished_leases_and_temp_files_left_by_dead_n
     assert index.get_fill(key_hash(fill.key)) is None
     assert not leftover.exists() and live.exists()
     await a.cache.aclose()
+
+
+async def test_stats_of_any_node_add_up_the_counters_every_node_saved(shared: tuple[Path, str]) -> None:
+    from proxy.stats import Traffic
+
+    index = Index(make_engine(shared[1]))
+    one, two = Traffic(index, node="one"), Traffic(index, node="two")
+    await one.start(), await two.start()  # both read the (empty) totals at start
+    one.hit(ORIGIN, 1000)
+    two.hit(ORIGIN, 500)
+    await one.flush()
+    await two.flush()  # saves its own and reads node one's back
+    totals = {key.name: value for key, value in two.totals().items()}
+    assert totals["hits"] == 2 and totals["bytes_from_cache"] == 1500
+    await one.aclose(), await two.aclose()

@@ -25,6 +25,7 @@ def upgrade() -> None:
         sa.Column("node", sa.String(255), nullable=False),
         sa.Column("state", sa.String(16), nullable=False),
         sa.Column("size", sa.BigInteger(), nullable=True),
+        sa.Column("synced", sa.BigInteger(), nullable=False),
         sa.Column("digest", sa.String(100), nullable=True),
         sa.Column("heartbeat", sa.BigInteger(), nullable=False),
         sa.Column("started_at", sa.Double(), nullable=False),

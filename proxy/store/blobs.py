@@ -172,6 +172,8 @@ class BlobStore:
         started again under the same name get this old."""
         cutoff = time.time() - older_than
         removed = 0
+        if not self.tmp_dir.is_dir():
+            return 0  # a cache no server has started on yet
         for entry in self.tmp_dir.iterdir():
             try:
                 if entry.stat().st_mtime < cutoff:

@@ -16,7 +16,8 @@ import anyio
 
 from proxy.store.blobs import BlobFile, BlobStore
 from proxy.store.digest import Digest
-from proxy.store.fill import Fill, Filler, FillListener, Opener, Origin
+from proxy.store.fill import Fill, FillListener, Opener, Origin
+from proxy.store.filler import Filler
 from proxy.store.index import Index, Reference
 from proxy.store.leases import FillLeases
 

@@ -123,6 +123,9 @@ class FillLeaseRow(Base):
     node: Mapped[str] = mapped_column(String(255))
     state: Mapped[str] = mapped_column(String(16))  # opening, streaming, committed, failed
     size: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # Bytes of the temp file the owner has fdatasync'ed: followers read no further, because a
+    # network file system may show a growing file's length before all of its bytes.
+    synced: Mapped[int] = mapped_column(BigInteger)
     digest: Mapped[str | None] = mapped_column(String(100), nullable=True)
     heartbeat: Mapped[int] = mapped_column(BigInteger)
     started_at: Mapped[float] = mapped_column(Double)
@@ -163,6 +166,7 @@ class FillLease:
     node: str
     state: str
     size: int | None
+    synced: int
     digest: str | None
     heartbeat: int
     started_at: float
@@ -373,7 +377,7 @@ class Index:
         """Insert a lease for `owner` unless one exists; the lease that holds the key now."""
         now = time.time()
         stmt = self._insert()(FillLeaseRow).values(
-            key_hash=key_hash, key=key[:1024], owner=owner, node=node, state="opening",
+            key_hash=key_hash, key=key[:1024], owner=owner, node=node, state="opening", synced=0,
             heartbeat=0, started_at=now, renewed_at=now,
         ).on_conflict_do_nothing(index_elements=["key_hash"])
         with Session(self.engine) as session, session.begin():
@@ -392,7 +396,7 @@ class Index:
                 FillLeaseRow.owner == lease.owner,
                 FillLeaseRow.heartbeat == lease.heartbeat,
             )
-            .values(owner=owner, node=node, state="opening", size=None, digest=None, heartbeat=0, started_at=now, renewed_at=now)
+            .values(owner=owner, node=node, state="opening", size=None, synced=0, digest=None, heartbeat=0, started_at=now, renewed_at=now)
         )
         with self.engine.begin() as connection:
             return connection.execute(stmt).rowcount == 1
@@ -474,7 +478,8 @@ class Index:
 
 def _lease(row: FillLeaseRow) -> FillLease:
     return FillLease(
-        row.key_hash, row.key, row.owner, row.node, row.state, row.size, row.digest, row.heartbeat, row.started_at, row.renewed_at
+        row.key_hash, row.key, row.owner, row.node, row.state, row.size, row.synced, row.digest, row.heartbeat,
+        row.started_at, row.renewed_at,
     )
 
 

@@ -1,8 +1,10 @@
 """Fill leases: one download per key for every process that shares the cache directory and index.
 
 A process about to fetch a key claims its lease, a row naming the owner's temp file under tmp/.
-The others follow that file as it grows instead of going upstream. The owner renews the lease by
-bumping a heartbeat counter. A follower that sees no heartbeat for `lease_seconds` of its own
+The others follow that file as it grows instead of going upstream. They read it only up to the
+`synced` watermark the owner publishes after an fdatasync, reopening the file before they trust a
+new one: NFS may write a file's pages back out of order, and close-to-open consistency is all it
+promises a reader on another host. The owner renews the lease by bumping a heartbeat counter. A follower that sees no heartbeat for `lease_seconds` of its own
 monotonic clock takes the lease over with a compare-and-swap on (owner, heartbeat). Only one
 follower can win the swap, so a dead owner costs at most one more upstream fetch. No wall clock
 is compared, so nodes need not agree on the time.
@@ -19,6 +21,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import anyio
@@ -27,8 +30,8 @@ from proxy.store.index import FillLease, Index
 
 log = logging.getLogger(__name__)
 
-# How often a follower re-reads the lease row; the file itself is watched every FOLLOW_POLL.
-LEASE_POLL_SECONDS = 0.25
+LEASE_POLL_SECONDS = 0.25  # how often a follower re-reads the lease row
+PUBLISH_SECONDS = 1.0  # how often an owner syncs its temp file and publishes how far it got
 # node.pid.random, as BlobStore names temp files: checked before any lease owner becomes a path.
 _OWNER = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,200}\.[0-9]+\.[0-9a-f]{16}")
 
@@ -126,9 +129,12 @@ class FillLeases:
         except Exception as exc:  # noqa: BLE001
             log.warning("could not release the fill lease of %s: %s", key, exc)
 
-    async def keep_renewed(self, key: str, owner: str) -> None:
-        """Run beside an owner's fill: a heartbeat every third of the lease."""
+    async def keep_renewed(self, key: str, owner: str, sync: Callable[[], Awaitable[int | None]]) -> None:
+        """Run beside an owner's fill: every PUBLISH_SECONDS (or third of the lease, if shorter),
+        make the bytes written so far durable (`sync`, which returns how many, or None before the
+        temp file exists) and publish that watermark with a heartbeat."""
         while True:
-            await asyncio.sleep(self.lease_seconds / 3)
-            if not await self.update(key, owner):
+            await asyncio.sleep(min(PUBLISH_SECONDS, self.lease_seconds / 3))
+            synced = await sync()
+            if not await self.update(key, owner, **({} if synced is None else {"synced": synced})):
                 log.warning("fill lease of %s lost: another node may be fetching it too", key)

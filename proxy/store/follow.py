@@ -1,0 +1,115 @@
+"""Following a fill another process of the fleet is writing: its temp file on the shared mount.
+
+The follower reads the owner's lease every LEASE_POLL_SECONDS and lets readers have the file up to
+the `synced` watermark the owner published (never its mere length). It adopts the blob once the
+lease says committed, and hands the key back to the Filler to fetch itself when the owner goes
+silent, fails before a byte, or vanishes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+import anyio
+
+from proxy.store.blobs import BlobFile, BlobStore
+from proxy.store.digest import Digest
+from proxy.store.fill import Fill, FillFailed, FillState, TakeOver
+from proxy.store.index import FillLease
+from proxy.store.leases import LEASE_POLL_SECONDS, FillLeases, LeaseState, Liveness, owner_is_dead_here, valid_owner
+
+log = logging.getLogger(__name__)
+
+
+class RemoteFollower:
+    """Serves fills of this process from downloads other processes own."""
+
+    def __init__(self, store: BlobStore, leases: FillLeases, *, follow_streams: bool = True) -> None:
+        self._store = store
+        self._leases = leases
+        # False where a growing file written by another host cannot be read reliably (some
+        # network file systems): followers then wait for the commit.
+        self._follow_streams = follow_streams
+
+    async def follow(self, fill: Fill, lease: FillLease) -> TakeOver | None:
+        """Serve another process's fill from its temp file until it commits (None), or return the
+        lease to take over: its owner went silent, failed before sending a byte, or vanished."""
+        leases = self._leases
+        liveness = Liveness(leases.lease_seconds)
+        liveness.observe(lease)
+        following: str | None = None  # the owner whose file `fill` reads now
+        while True:
+            if lease.state == LeaseState.COMMITTED:
+                if following is not None and following != lease.owner:
+                    fill._retire_current()  # another process committed: what we followed is unchecked
+                if await self._adopt(fill, lease):
+                    return None
+                return TakeOver(lease)  # committed, then purged: fetch it again
+            if lease.state == LeaseState.FAILED:
+                if fill.state is FillState.OPENING:
+                    return TakeOver(lease)  # our clients get the upstream's answer from our own try
+                raise FillFailed(f"the fill of {fill.key} on node {lease.node} failed")
+            if liveness.silent() or owner_is_dead_here(lease, leases.node):
+                log.warning("fill of %s on %s went silent; taking over", fill.key, lease.node)
+                return TakeOver(lease)
+            if self._follow_streams and lease.state == LeaseState.STREAMING and following != lease.owner:
+                fd = await self._open_remote(lease)
+                if fd is not None:
+                    fill._set_open(fd, lease.size, owned=True)
+                    fill.node, following = lease.node, lease.owner
+                    fill._advance(lease.synced)
+            elif following is not None and following == lease.owner and lease.synced > fill.written:
+                if await self._revalidate(lease):
+                    fill._advance(lease.synced)
+            await asyncio.sleep(LEASE_POLL_SECONDS)
+            try:
+                current = await leases.get(fill.key)
+            except Exception as exc:  # noqa: BLE001 - an index hiccup; silence decides
+                log.warning("could not read the fill lease of %s: %s", fill.key, exc)
+                continue
+            if current is None:
+                return TakeOver(None)
+            lease = current
+            liveness.observe(lease)
+
+    async def _open_remote(self, lease: FillLease) -> int | None:
+        if not valid_owner(lease.owner):
+            raise FillFailed(f"fill lease names {lease.owner!r}, not a temp file")
+        return await anyio.to_thread.run_sync(self._store.open_temp, lease.owner)
+
+    async def _revalidate(self, lease: FillLease) -> bool:
+        """Open the owner's file again before trusting a new watermark: on NFS the open makes the
+        client revalidate the file and drop pages it cached before the owner's sync (close-to-open
+        consistency), which the descriptors readers hold share. False once the file is gone."""
+        fd = await self._open_remote(lease)
+        if fd is None:
+            return False
+        os.close(fd)
+        return True
+
+    async def _adopt(self, fill: Fill, lease: FillLease) -> bool:
+        """Take the blob another process committed; False if it is not (or no longer) there."""
+        digest = fill.digest or (Digest.parse(lease.digest) if lease.digest else None)
+        if digest is None:
+            return False
+        blob = await anyio.to_thread.run_sync(self._store.stat, digest)
+        if blob is None:
+            return False
+        fill.digest = digest
+        if fill._earlier:
+            await anyio.to_thread.run_sync(self._check_against_blob, fill, blob)
+        fill._commit(blob)
+        return True
+
+    @staticmethod
+    def _check_against_blob(fill: Fill, blob: BlobFile) -> None:
+        """Blocking: the generations readers were served from must hold the committed bytes.
+
+        The file we followed last is the blob itself (renamed), so only earlier ones are read."""
+        fd = os.open(blob.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fill._check_earlier(fd)
+        finally:
+            os.close(fd)
