@@ -106,7 +106,7 @@ def run_all(targets: list[tuple[str, Download]], committed: Path) -> list[thread
 
 def test_twelve_concurrent_cold_gets_over_three_nodes_fetch_the_blob_once(upstream: Distribution, start_fleet) -> None:
     layer = upstream.images["library/big:1"].layers[0]
-    relay = ThrottledRelay(upstream.port, rate=16 << 20)  # about 2 s of fill: every GET overlaps it
+    relay = ThrottledRelay(upstream.port, rate=8 << 20)  # about 4 s of fill: every GET overlaps it
     try:
         nodes = start_fleet(relay.url)
         committed = nodes[0].blob_path(layer.digest)
