@@ -31,8 +31,9 @@ if __package__ in (None, ""):  # `python bench/fleet.py`
 from bench.image import REPOSITORY, BenchImage, build_layout  # noqa: E402
 from bench.measure import timed_get  # noqa: E402
 from bench.proxies import DistributionProxy  # noqa: E402
-from bench.report import environment as base_environment  # noqa: E402
-from bench.run import settle_upstream, start_upstream, upstream_blob_gets  # noqa: E402
+from bench.report import environment as base_environment, text_table  # noqa: E402
+# _exit_on_signal turns SIGTERM/SIGHUP into SystemExit, so `finally` stops every server and drops the database.
+from bench.run import _exit_on_signal, settle_upstream, start_upstream, upstream_blob_gets  # noqa: E402
 from tests.servers.ports import free_port, stop_all_processes  # noqa: E402
 from tests.servers.pullthrough import Pullthrough, pullthrough_command, render_config  # noqa: E402
 from tests.servers.registry import Distribution  # noqa: E402
@@ -427,12 +428,7 @@ def table(results: Results) -> tuple[list[str], list[list[str]]]:
 
 
 def render_text(results: Results) -> str:
-    header, body = table(results)
-    widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
-    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-    out = [line(header), line(["-" * w for w in widths])] + [line(cells) for cells in body]
-    out += [f"note: {n}" for n in results.notes]
-    return "\n".join(out)
+    return text_table(*table(results), [f"note: {n}" for n in results.notes])
 
 
 def _size_label(size: int) -> str:
@@ -601,11 +597,6 @@ def run(args: argparse.Namespace) -> Results:
         stop_all_processes()
     results.elapsed = time.monotonic() - started
     return results
-
-
-def _exit_on_signal(signum: int, frame: object) -> None:
-    # Turn SIGTERM/SIGHUP into SystemExit so that `finally` stops every server and drops the database.
-    raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import hashlib
 import json
 import os
@@ -33,6 +32,7 @@ if __package__ in (None, ""):  # `python bench/hf.py`
 import httpx  # noqa: E402
 
 from bench.measure import peak_rss_bytes  # noqa: E402
+from bench.report import text_table  # noqa: E402
 from tests.servers import fake_hub as fake_hub_module  # noqa: E402
 from tests.servers.fake_hub import FakeHub  # noqa: E402
 from tests.servers.ports import (free_port, start_process, stop_all_processes, stop_process,  # noqa: E402
@@ -156,24 +156,9 @@ class _HeadApiHandler(_BenchHandler):
     head_api = True
 
 
-class _DigestCachedFile(fake_hub_module.FakeFile):
-    """A FakeFile that hashes its bytes once. FakeFile's digests are properties computed on every use, so the
-    fake Hub hashes a 48 MiB shard several times per resolve, CDN and tree request (~0.15 s of CPU each, on
-    the machine the mirrors run on); the real Hub serves them from its database."""
-
-    sha256 = functools.cached_property(fake_hub_module.FakeFile.sha256.fget)
-    pointer = functools.cached_property(fake_hub_module.FakeFile.pointer.fget)
-    oid = functools.cached_property(fake_hub_module.FakeFile.oid.fget)
-    xet_hash = functools.cached_property(fake_hub_module.FakeFile.xet_hash.fget)
-
-
 class BenchHub(FakeHub):
-    """The fake Hub of tests/servers/fake_hub.py, unchanged in what it answers, with digests computed once
-    and TCP_NODELAY (see above)."""
-
-    def _make_file(self, path, data, xet, force_lfs):
-        made = super()._make_file(path, data, xet, force_lfs)
-        return _DigestCachedFile(made.path, made.data, lfs=made.lfs, xet=made.xet)
+    """The fake Hub of tests/servers/fake_hub.py, unchanged in what it answers, with TCP_NODELAY (see above).
+    (FakeFile itself computes each digest once.)"""
 
     def use_handler(self, handler: type) -> None:
         for server in self._servers:  # socketserver looks the class up for every connection
@@ -525,13 +510,8 @@ def table(results: Results) -> tuple[list[str], list[list[str]]]:
 
 
 def render_text(results: Results) -> str:
-    header, body = table(results)
-    widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
-    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-    out = [line(header), line(["-" * w for w in widths])] + [line(cells) for cells in body]
-    out += [f"probe {LABELS[m]}: {text}" for m, text in results.probes.items()]
-    out += [f"note: {n}" for n in results.notes]
-    return "\n".join(out)
+    notes = [f"probe {LABELS[m]}: {text}" for m, text in results.probes.items()] + [f"note: {n}" for n in results.notes]
+    return text_table(*table(results), notes)
 
 
 def render_markdown(results: Results, when: datetime.datetime, command: str) -> str:

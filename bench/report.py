@@ -112,13 +112,15 @@ def table(results: Results) -> tuple[list[str], list[list[str]]]:
     return header, body
 
 
-def render_text(results: Results) -> str:
-    header, body = table(results)
+def text_table(header: list[str], body: list[list[str]], notes: list[str]) -> str:
+    """Columns padded to their widest cell (the first left-aligned), then one line per note."""
     widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
     line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-    out = [line(header), line(["-" * w for w in widths])] + [line(cells) for cells in body]
-    out += [f"note: {n}" for n in results.notes]
-    return "\n".join(out)
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(cells) for cells in body] + notes)
+
+
+def render_text(results: Results) -> str:
+    return text_table(*table(results), [f"note: {n}" for n in results.notes])
 
 
 def _markdown_table(header: list[str], body: list[list[str]]) -> str:

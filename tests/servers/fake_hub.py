@@ -84,7 +84,7 @@ class FakeFile:
         """What the client names the blob by: sha256 for LFS files, the git blob sha1 otherwise."""
         return self.sha256 if self.lfs else self.oid
 
-    @property
+    @functools.cached_property
     def xet_hash(self) -> str | None:
         return fake_xet_hash(self.data) if self.xet else None
 
