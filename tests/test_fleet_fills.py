@@ -170,9 +170,10 @@ async def test_a_follower_reads_no_further_than_the_owner_has_synced_and_publish
     upstream_a.stall_at = 2 * 1024 * 1024
     upstream_a.release.clear()
     fill_a, _ = a.cache.fill(digest_of(data), upstream_a.open, origin=ORIGIN)
+    await asyncio.wait_for(fill_a.opened(), 5)  # node a holds the lease before node b asks
     fill_b, _ = b.cache.fill(digest_of(data), upstream_b.open, origin=ORIGIN)
     assert await asyncio.wait_for(fill_b.opened(), 5) == len(data)  # following node a's file
-    await wait_for(lambda: os.path.getsize(a.cache.store.tmp_dir / os.listdir(a.cache.store.tmp_dir)[0]) >= 2 * 1024 * 1024)
+    await wait_for(lambda: any(f.stat().st_size >= 2 * 1024 * 1024 for f in a.cache.store.tmp_dir.iterdir()))
     await asyncio.sleep(1.0)  # three heartbeats, none with a watermark
     assert fill_b.written == 0  # the file's length alone is not trusted
     body = asyncio.create_task(collect(fill_b))
