@@ -1,5 +1,5 @@
-"""create_app(settings): the ASGI application, its routes and its lifespan (index, store, HTTP clients,
-counters, janitor)."""
+"""The composition root: `Runtime` builds every part once from the settings (index, store, counters,
+sources, resource sets, janitor), and `create_app` serves it with its lifespan."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from urllib.parse import urlsplit
+from dataclasses import dataclass, field
 
-import anyio
 import httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -23,21 +22,16 @@ from proxy.http.zerocopy import ZeroCopyMiddleware
 from proxy.migrate import prepare_database
 from proxy.ops import Operations
 from proxy.pins import ResourceSets
-from proxy.sources.hf import HfMirror
-from proxy.sources.oci import OciMirror
-from proxy.sources.s3 import S3Mirror
-from proxy.sources.web import WebMirror
+from proxy.sources.source import Sources, build_sources, purge_rules
 from proxy.stats import Traffic
-from proxy.store.blobs import BlobStore
-from proxy.store.cache import BlobCache
-from proxy.store.leases import FillLeases
 from proxy.store.index import Index, make_engine
-from proxy.store.janitor import Janitor, Policy, PurgeResult, TtlRule
+from proxy.store.janitor import Janitor, Policy, PurgeResult
+from proxy.store.pools import Pools, PoolSizes
+from proxy.store.store import Store
 
 log = logging.getLogger(__name__)
 
 USER_AGENT = f"pullthrough/{__version__}"
-IMMUTABLE_TTL = float(2**40)
 
 
 def upstream_http_client() -> httpx.AsyncClient:
@@ -51,95 +45,111 @@ def upstream_http_client() -> httpx.AsyncClient:
 
 
 def purge_policy(settings: Settings) -> Policy:
-    rules = [TtlRule("oci", r.name, r.ttl) for r in settings.registries if r.ttl is not None]
-    if settings.hf.ttl is not None:
-        rules.append(TtlRule("hf", urlsplit(settings.hf.url).netloc, settings.hf.ttl))
-    if settings.s3.ttl is not None:
-        rules.append(TtlRule("s3", None, settings.s3.ttl))
-    rules.append(TtlRule("ipfs", None, IMMUTABLE_TTL))  # IPFS content never changes: only the size cap evicts it
-    return Policy(default_ttl=settings.default_ttl, rules=tuple(rules), max_size=settings.max_size, min_free=settings.min_free)
+    return Policy(
+        default_ttl=settings.default_ttl, rules=tuple(purge_rules(settings)), max_size=settings.max_size, min_free=settings.min_free
+    )
 
 
-def create_app(settings: Settings) -> Starlette:
-    settings.cache_dir.mkdir(parents=True, exist_ok=True)
-    engine = make_engine(settings.effective_database_url)
-    index = Index(engine)
-    store = BlobStore(settings.cache_dir, node_id=settings.node_name)
-    traffic = Traffic(index, node=store.node_id)
-    leases = FillLeases(index, store.node_id, settings.fill_lease)
-    cache = BlobCache(store, index, listener=traffic, leases=leases, follow_streams=settings.follow_fills == "stream")
-    janitor = Janitor(store, index, purge_policy(settings))
-    http = upstream_http_client()
-    blob_transport = BlobTransport(user_agent=USER_AGENT)
-    oci = OciMirror(settings, cache, http, blob_transport, traffic)
-    hf = HfMirror(settings.hf, cache, http, blob_transport, traffic)
-    s3 = S3Mirror(settings.s3, cache, traffic)
-    web = WebMirror(settings.web, cache, http, blob_transport, traffic)
-    purge_lock = asyncio.Lock()
+@dataclass
+class Runtime:
+    """Every long-lived part of a running pullthrough, built once from the settings."""
 
-    async def purge(**options: object) -> PurgeResult:
-        async with purge_lock:
-            await cache.flush_access()  # last-access times the janitor must see
-            result = await anyio.to_thread.run_sync(lambda: janitor.purge(**options))  # type: ignore[arg-type]
+    settings: Settings
+    index: Index
+    traffic: Traffic
+    store: Store
+    janitor: Janitor
+    http: httpx.AsyncClient
+    blob_transport: BlobTransport
+    sources: Sources
+    resource_sets: ResourceSets
+    _purge_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @classmethod
+    def build(cls, settings: Settings) -> Runtime:
+        settings.cache_dir.mkdir(parents=True, exist_ok=True)
+        index = Index(make_engine(settings.effective_database_url))
+        pools = Pools(PoolSizes(fills=settings.fill_threads, index=settings.index_threads, files=settings.file_threads))
+        traffic = Traffic(index, node=settings.node_name, pools=pools)
+        store = Store(
+            settings.cache_dir, index, node=settings.node_name, events=traffic, pools=pools,
+            lease_seconds=settings.fill_lease, follow_streams=settings.follow_fills == "stream",
+        )
+        http = upstream_http_client()
+        blob_transport = BlobTransport(user_agent=USER_AGENT)
+        sources = build_sources(settings, store, http, blob_transport)
+        return cls(
+            settings, index, traffic, store, Janitor(store.files, index, purge_policy(settings)), http, blob_transport,
+            sources, ResourceSets(settings.resource_sets, store, sources),
+        )
+
+    async def start(self) -> None:
+        await self.store.pools.index(prepare_database, self.index.engine, self.settings.effective_database_url)
+        await self.store.start()
+        await self.store.pools.files(self.janitor.sweep)  # index and files agree before the first request
+        await self.traffic.start()
+
+    async def aclose(self) -> None:
+        await self.sources.aclose()
+        await self.traffic.aclose()
+        await self.http.aclose()
+        self.blob_transport.close()
+        await self.store.aclose()
+        self.index.dispose()
+
+    async def purge(self, **options: object) -> PurgeResult:
+        async with self._purge_lock:
+            await self.store.flush_access()  # last-access times the janitor must see
+            result = await self.store.pools.files(lambda: self.janitor.purge(**options))  # type: ignore[arg-type]
         if not result.dry_run:
             reason = str(options.get("reason", "periodic"))
-            traffic.purges.labels(reason).inc()
-            traffic.purged_bytes.labels(reason).inc(result.bytes_removed)
+            self.traffic.purges.labels(reason).inc()
+            self.traffic.purged_bytes.labels(reason).inc(result.bytes_removed)
         return result
 
-    async def purge_periodically() -> None:
+    async def purge_periodically(self) -> None:
         while True:
-            await asyncio.sleep(settings.purge_interval)
+            await asyncio.sleep(self.settings.purge_interval)
             try:
-                await purge(reason="periodic")
+                await self.purge(reason="periodic")
             except Exception:
                 log.exception("purge failed")
 
-    ops = Operations(settings, traffic, index, purge, oci.ratelimits)
-    resource_sets = ResourceSets(settings.resource_sets, cache, oci, hf, s3, web)
+    def ratelimits(self) -> dict[str, str]:
+        oci = self.sources.named("oci")
+        return oci.ratelimits()  # type: ignore[attr-defined, no-any-return]
+
+
+def create_app(settings: Settings) -> Starlette:
+    runtime = Runtime.build(settings)
+    ops = Operations(settings, runtime.traffic, runtime.store, runtime.purge, runtime.ratelimits)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
-        await anyio.to_thread.run_sync(prepare_database, engine, settings.effective_database_url)
-        await cache.start()
-        await anyio.to_thread.run_sync(janitor.sweep)  # index and files agree before the first request
-        await traffic.start()
-        janitor_task = asyncio.create_task(purge_periodically(), name="janitor")
+        await runtime.start()
+        background = [asyncio.create_task(runtime.purge_periodically(), name="janitor")]
         if settings.prefetch_on_start and settings.resource_sets:
-            prefetch_task = asyncio.create_task(resource_sets.prefetch_all(), name="prefetch")
+            background.append(asyncio.create_task(runtime.resource_sets.prefetch_all(), name="prefetch"))
         log.info("pullthrough %s serving %s from %s", __version__, settings.listen, settings.cache_dir)
         try:
             yield
         finally:
-            janitor_task.cancel()
-            if settings.prefetch_on_start and settings.resource_sets:
-                prefetch_task.cancel()
-            await cache.aclose()
-            await s3.aclose()
-            await traffic.aclose()
-            await http.aclose()
-            blob_transport.close()
-            engine.dispose()
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            await runtime.aclose()
 
     async def healthz(_request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok", "version": __version__})
 
-    # The Hub's routes live at the root (HF_ENDPOINT is a host), so they come last.
     routes = [
         Route("/healthz", healthz, methods=["GET", "HEAD"]),
         *ops.routes(),
-        *resource_sets.routes(ops.admin_refusal),
-        *oci.routes(),
-        *s3.routes(),
-        *web.routes(),
-        *hf.routes(),
+        *runtime.resource_sets.routes(ops.admin_refusal),
+        *runtime.sources.routes(),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
-    app.state.settings = settings
-    app.state.cache = cache
-    app.state.traffic = traffic
-    app.state.sources = {"oci": oci, "hf": hf, "s3": s3, "web": web}
-    app.state.resource_sets = resource_sets
+    app.state.runtime = runtime
     return app
 
 

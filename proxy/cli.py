@@ -231,7 +231,7 @@ def pins(config_file: str | None, cache_dir: str | None, database_url: str | Non
     """The pinned resource sets and how many blobs each keeps."""
     settings = _settings(config_file, cache_dir=cache_dir, database_url=database_url)
     _, index = _offline_parts(settings)
-    pinned = {name: sorted(digests) for name, digests in sorted(index.pinned().items())}
+    pinned = {name: sorted(digests) for name, digests in sorted(index.pins.all().items())}
     if as_json:
         click.echo(json.dumps(pinned, indent=2))
         return
@@ -259,12 +259,12 @@ def _report(settings: Settings, url: str | None) -> dict[str, Any]:
     _, index = _offline_parts(settings)
     traffic = Traffic(index, node="cli")
     traffic.load()
-    last = index.last_purge()
+    last = index.purges.last()
     return asyncio.run(
         traffic.report(
             max_size=settings.max_size,
             last_purge=last.__dict__ if last else None,
-            pins={name: {"blobs": len(d)} for name, d in index.pinned().items()},
+            pins={name: {"blobs": len(d)} for name, d in index.pins.all().items()},
             ratelimits={},
         )
     )
@@ -290,7 +290,7 @@ def prefetch(config_file: str | None, cache_dir: str | None, database_url: str |
 
     from tqdm import tqdm
 
-    from proxy.prefetch import ResourceError, fetch, fetch_set, running_app
+    from proxy.prefetch import ResourceError, fetch, fetch_set, running
 
     settings = _settings(config_file, cache_dir=cache_dir, database_url=database_url)
     if not resources and not set_names:
@@ -300,12 +300,12 @@ def prefetch(config_file: str | None, cache_dir: str | None, database_url: str |
 
     async def run() -> None:
         nonlocal failed
-        async with running_app(settings) as app:
+        async with running(settings) as runtime:
             with tqdm(total=len(resources) + len(set_names), unit="resource", disable=None) as bar:
                 for resource in resources:
                     bar.set_description(resource[:60])
                     try:
-                        fetched = await fetch(app, resource)
+                        fetched = await fetch(runtime, resource)
                         tqdm.write(f"{resource}: {len(fetched.files)} files, {_human(fetched.bytes)}")
                     except Exception as exc:  # noqa: BLE001 - one line per failed resource; the others go on
                         failed += 1
@@ -314,7 +314,7 @@ def prefetch(config_file: str | None, cache_dir: str | None, database_url: str |
                 for name in set_names:
                     bar.set_description(f"set {name}"[:60])
                     try:
-                        listing = await fetch_set(app, name)
+                        listing = await fetch_set(runtime, name)
                         for label, state in {**listing["status"]["images"], **listing["status"]["remote"]}.items():  # type: ignore[index]
                             ok = state["cached"] and not state["error"]
                             failed += 0 if ok else 1
@@ -339,14 +339,14 @@ def materialize(config_file: str | None, cache_dir: str | None, database_url: st
     import asyncio
     from pathlib import Path
 
-    from proxy.prefetch import ResourceError, fetch, materialize as lay_out, running_app
+    from proxy.prefetch import ResourceError, fetch, materialize as lay_out, running
 
     settings = _settings(config_file, cache_dir=cache_dir, database_url=database_url)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 
     async def run() -> list[Path]:
-        async with running_app(settings) as app:
-            fetched = await fetch(app, resource)
+        async with running(settings) as runtime:
+            fetched = await fetch(runtime, resource)
         return lay_out(settings, fetched, Path(destination))
 
     try:

@@ -284,6 +284,10 @@ class Settings(BaseSettings):
     node: str | None = None  # unique per node sharing the cache: names its temp files and counters (default: hostname)
     fill_lease: Duration = 15.0  # a filling node silent this long loses its download to another node
     follow_fills: Literal["stream", "commit"] = "stream"  # read another node's growing temp file, or wait for its commit
+    # -- the store's worker threads, one bounded pool per kind of work ------------------------------
+    fill_threads: int = Field(default=128, ge=1, le=4096)  # upstream transfers at once (each holds a thread)
+    index_threads: int = Field(default=8, ge=1, le=64)  # index queries at once
+    file_threads: int = Field(default=16, ge=1, le=256)  # file opens, syncs, renames and rehashes at once
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

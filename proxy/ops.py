@@ -14,14 +14,13 @@ from dataclasses import asdict
 from importlib import resources
 from typing import Any
 
-import anyio
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from proxy.config import Settings
 from proxy.stats import Traffic
-from proxy.store.index import Index
+from proxy.store.store import Store
 from proxy.store.janitor import PurgeResult
 
 Purger = Callable[..., Awaitable[PurgeResult]]
@@ -29,11 +28,11 @@ Purger = Callable[..., Awaitable[PurgeResult]]
 
 class Operations:
     def __init__(
-        self, settings: Settings, traffic: Traffic, index: Index, purge: Purger, ratelimits: Callable[[], dict[str, str]]
+        self, settings: Settings, traffic: Traffic, store: Store, purge: Purger, ratelimits: Callable[[], dict[str, str]]
     ) -> None:
         self._settings = settings
         self._traffic = traffic
-        self._index = index
+        self._store = store
         self._purge = purge
         self._ratelimits = ratelimits
 
@@ -46,7 +45,8 @@ class Operations:
         ]
 
     async def report(self) -> dict[str, Any]:
-        last, pins = await anyio.to_thread.run_sync(lambda: (self._index.last_purge(), self._index.pinned()))
+        index = self._store.index
+        last, pins = await self._store.pools.index(lambda: (index.purges.last(), index.pins.all()))
         return await self._traffic.report(
             max_size=self._settings.max_size,
             last_purge=asdict(last) if last else None,

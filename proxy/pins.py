@@ -14,19 +14,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import anyio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from proxy.config import RemoteResource, ResourceSet
-from proxy.sources.hf import HfMirror
-from proxy.sources.hf.names import parse_repo
-from proxy.sources.oci import OciMirror
-from proxy.sources.s3 import S3Mirror
-from proxy.sources.web import WebMirror
-from proxy.store.cache import BlobCache
-from proxy.store.digest import Digest
+from proxy.config import ResourceSet
+from proxy.resources import parse_resource
+from proxy.sources.source import Sources
+from proxy.store.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +42,10 @@ class ResourceState:
 
 
 class ResourceSets:
-    def __init__(self, sets: list[ResourceSet], cache: BlobCache, oci: OciMirror, hf: HfMirror, s3: S3Mirror, web: WebMirror) -> None:
+    def __init__(self, sets: list[ResourceSet], store: Store, sources: Sources) -> None:
         self.sets = {s.name: s for s in sets}
-        self._cache = cache
-        self._oci, self._hf, self._s3, self._web = oci, hf, s3, web
+        self._store = store
+        self._sources = sources
         self._states: dict[tuple[str, str], ResourceState] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -60,13 +55,10 @@ class ResourceSets:
         resource_set = self.sets[name]
         async with self._locks.setdefault(name, asyncio.Lock()):
             digests: set[str] = set()
-            for image in resource_set.images:
-                state = await self._run(name, image, lambda image=image: self._oci.prefetch_image(image, resource_set.platforms))
+            for label in [*resource_set.images, *(r.display_url for r in resource_set.remote)]:
+                state = await self._run(name, label, resource_set.platforms)
                 digests.update(state.digests)
-            for resource in resource_set.remote:
-                state = await self._run(name, resource.display_url, lambda resource=resource: self.fetch_remote(resource))
-                digests.update(state.digests)
-            await anyio.to_thread.run_sync(self._pin, name, sorted(digests))
+            await self._store.pin(name, sorted(digests))
         return self.listing(name)
 
     async def prefetch_all(self) -> None:
@@ -76,24 +68,12 @@ class ResourceSets:
             except Exception:
                 log.exception("prefetch of resource set %s failed", name)
 
-    async def fetch_remote(self, resource: RemoteResource) -> list[tuple[str, int]]:
-        if resource.type == "HF":
-            repo = parse_repo(resource.repo_type, str(resource.repo).split("/"))
-            return [(digest, size) for _, digest, size in await self._hf.prefetch_repo(repo, resource.revision)]
-        if resource.type == "S3":
-            digests = [digest for _, digest in await self._s3.prefetch(str(resource.url))]
-        elif resource.type == "IPFS":
-            digests = [str(await self._web.fetch_ipfs(str(resource.cid)))]
-        else:
-            digests = [str(await self._web.fetch_url(str(resource.url)))]
-        return [(d, await self._size(d)) for d in digests]
-
-    async def _run(self, name: str, label: str, fetch: Any) -> ResourceState:
+    async def _run(self, name: str, label: str, platforms: list[str]) -> ResourceState:
         state = ResourceState(last_refreshed=time.time())
         try:
-            fetched = await fetch()
-            state.digests = [digest for digest, _ in fetched]
-            state.blobs, state.bytes, state.cached = len(fetched), sum(size for _, size in fetched), True
+            fetched = await self._sources.prefetch(parse_resource(label), platforms)
+            state.digests = [f.digest for f in fetched.files]
+            state.blobs, state.bytes, state.cached = len(fetched.files), fetched.bytes, True
             log.info("resource set %s: %s cached (%d blobs, %d bytes)", name, label, state.blobs, state.bytes)
         except Exception as exc:  # noqa: BLE001 - the state says what went wrong; the other resources go on
             state.error = getattr(exc, "message", None) or str(exc) or type(exc).__name__
@@ -102,14 +82,6 @@ class ResourceSets:
             log.warning("resource set %s: %s failed: %s", name, label, state.error)
         self._states[(name, label)] = state
         return state
-
-    def _pin(self, name: str, digests: list[str]) -> None:
-        self._cache.index.unpin(name)
-        self._cache.index.pin(name, digests)
-
-    async def _size(self, digest: str) -> int:
-        blob = await self._cache.lookup(Digest.parse(digest))
-        return blob.size if blob is not None else 0
 
     # -- the listing ---------------------------------------------------------------------------------
     def listing(self, name: str) -> dict[str, Any]:

@@ -12,13 +12,16 @@ import logging
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import anyio
 from prometheus_client import CollectorRegistry, Counter as PromCounter, Gauge, Histogram, generate_latest
 
-from proxy.store.cache import Origin
-from proxy.store.index import CounterKey, Index
+from proxy.store.events import Outcome
+from proxy.store.index import Index
+from proxy.store.pools import Pools
+from proxy.store.records import CounterKey, Origin, ReadScope
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +30,7 @@ FLUSH_SECONDS = 10.0
 HISTORY_POINTS = 1080  # three hours of 10 s points
 USAGE_SECONDS = 10.0  # how long a size/entry count from the index is reused
 TOP = 10
+T = TypeVar("T")
 
 
 @dataclass
@@ -38,11 +42,12 @@ class _Usage:
 
 
 class Traffic:
-    """Counts requests, hits, misses, bytes and coalesced followers; also the store's fill listener."""
+    """Counts requests, hits, misses, bytes and coalesced followers: the store's events (StoreEvents)."""
 
-    def __init__(self, index: Index, node: str) -> None:
+    def __init__(self, index: Index, node: str, pools: Pools | None = None) -> None:
         self._index = index
         self._node = node
+        self._pools = pools
         self._pending: Counter[CounterKey] = Counter()
         self._saved: dict[CounterKey, int] = {}
         self._repos: Counter[tuple[str, str]] = Counter()
@@ -69,22 +74,20 @@ class Traffic:
         self.purged_bytes = PromCounter("pullthrough_purged_bytes", "Bytes removed by the janitor.", ["reason"], registry=self.registry)
 
     # -- events, on the request path (no I/O) ---------------------------------------------------
-    def hit(self, origin: Origin, nbytes: int, repository: str | None = None) -> None:
+    def request(self, origin: Origin, scope: ReadScope, outcome: Outcome, *, joined: bool) -> None:
+        result = outcome.value
         self._count(origin, "requests")
-        self._count(origin, "hits")
-        self._count(origin, "bytes_from_cache", nbytes)
-        self._requests.labels(origin.source, origin.upstream, "hit").inc()
-        self._bytes.labels(origin.source, origin.upstream, "from_cache").inc(nbytes)
-        self._repo(origin, repository, nbytes)
-
-    def miss(self, origin: Origin, repository: str | None = None, *, joined: bool = False) -> None:
-        self._count(origin, "requests")
-        self._count(origin, "misses")
-        self._requests.labels(origin.source, origin.upstream, "miss").inc()
+        self._count(origin, "hits" if outcome is Outcome.HIT else "misses")
+        self._requests.labels(origin.source, origin.upstream, result).inc()
         if joined:
             self._count(origin, "coalesced")
             self._coalesced.labels(origin.source, origin.upstream).inc()
-        self._repo(origin, repository, 0)
+        self._repos[self._repo_key(scope)] += 1
+
+    def sent_from_cache(self, origin: Origin, scope: ReadScope, nbytes: int) -> None:
+        self._count(origin, "bytes_from_cache", nbytes)
+        self._bytes.labels(origin.source, origin.upstream, "from_cache").inc(nbytes)
+        self._repo_bytes[self._repo_key(scope)] += nbytes
 
     def fetched(self, origin: Origin, nbytes: int) -> None:
         """Bytes that came from upstream (small objects; blob fills report through fill_finished)."""
@@ -106,19 +109,23 @@ class Traffic:
     def _count(self, origin: Origin, name: str, amount: int = 1) -> None:
         self._pending[CounterKey(origin.source, origin.upstream, name)] += amount
 
-    def _repo(self, origin: Origin, repository: str | None, nbytes: int) -> None:
-        if repository:
-            key = (origin.source, f"{origin.upstream}/{repository}")
-            self._repos[key] += 1
-            self._repo_bytes[key] += nbytes
+    @staticmethod
+    def _repo_key(scope: ReadScope) -> tuple[str, str]:
+        return scope.kind, scope.name or scope.value
+
+    async def _blocking(self, call: Callable[..., T], *args: Any) -> T:
+        """Index work in the store's index pool (a worker thread when there is no store: the CLI)."""
+        if self._pools is not None:
+            return await self._pools.index(call, *args)
+        return await anyio.to_thread.run_sync(call, *args)
 
     # -- persistence --------------------------------------------------------------------------------
     def load(self) -> None:
         """Blocking: what every node saved so far."""
-        self._saved = self._index.counters()
+        self._saved = self._index.counters.totals()
 
     async def start(self) -> None:
-        await anyio.to_thread.run_sync(self.load)
+        await self._blocking(self.load)
         self._flusher = asyncio.create_task(self._flush_periodically(), name="counters flush")
 
     async def aclose(self) -> None:
@@ -131,11 +138,11 @@ class Traffic:
         pending, self._pending = self._pending, Counter()
         if pending:
             try:
-                await anyio.to_thread.run_sync(self._index.add_counters, self._node, dict(pending))
+                await self._blocking(self._index.counters.add, self._node, dict(pending))
             except Exception:
                 self._pending.update(pending)  # try again next time
                 raise
-        self._saved = await anyio.to_thread.run_sync(self._index.counters)
+        self._saved = await self._blocking(self._index.counters.totals)
 
     async def _flush_periodically(self) -> None:
         while True:
@@ -162,7 +169,7 @@ class Traffic:
 
     async def usage(self) -> _Usage:
         if self._usage is None or time.monotonic() - self._usage.at > USAGE_SECONDS:
-            rows = await anyio.to_thread.run_sync(self._index.usage)
+            rows = await self._blocking(self._index.blobs.usage)
             by_origin = [
                 {"source": r.source or "unknown", "upstream": r.upstream or "unknown", "entries": r.entries, "bytes": r.bytes}
                 for r in rows

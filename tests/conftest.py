@@ -11,7 +11,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 
@@ -107,6 +107,22 @@ def pullthrough(request, tmp_path) -> Callable[..., Pullthrough]:
         _print_log_tail(server.log_path)
     for url in databases:
         drop_postgres_database(url)
+
+
+@pytest.fixture
+def index_url(tmp_path) -> Iterator[str]:
+    """The URL of a fresh, migrated index: SQLite in tmp_path, or with
+    PULLTHROUGH_TEST_DATABASE=postgresql a PostgreSQL database of its own, dropped afterwards."""
+    if os.environ.get("PULLTHROUGH_TEST_DATABASE") == "postgresql":
+        url = fresh_postgres_database()
+        yield url
+        drop_postgres_database(url)
+        return
+    from proxy.migrate import upgrade
+
+    url = f"sqlite:///{tmp_path / 'index.db'}"
+    upgrade(url)
+    yield url
 
 
 POSTGRES_ADMIN_URL = os.environ.get("PULLTHROUGH_TEST_POSTGRES", "postgresql+psycopg://postgres:postgres@127.0.0.1:5432/postgres")

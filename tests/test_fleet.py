@@ -19,7 +19,8 @@ import pytest
 from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
-from proxy.store.index import Index, PurgeRow, make_engine
+from proxy.store.index import Index, make_engine
+from proxy.store.index.models import PurgeRow
 from tests.conftest import drop_postgres_database, fresh_postgres_database, require_tool
 from tests.servers.pullthrough import Pullthrough
 from tests.servers.registry import Distribution, ThrottledRelay

@@ -1,34 +1,31 @@
-"""Fleet-wide single flight, in one process: two caches ("nodes") on one directory and one index.
+"""Fleet-wide single flight, in one process: stores ("nodes") on one directory and one index.
 
 The three-process tests against PostgreSQL and a real registry are in test_fleet.py; these pin
 down each path of the lease protocol (follow, take over, adopt, fail) where the test controls
-every byte and every heartbeat.
+every byte and every heartbeat. Clients read through the store's door, as a route would.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import time
 from pathlib import Path
 
 import pytest
 
-from proxy.http.responses import FileSource, iter_bytes
-from proxy.migrate import upgrade
-from proxy.store.blobs import BlobStore
-from proxy.store.cache import BlobCache
-from proxy.store.digest import Digest
-from proxy.store.fill import Fill, FillFailed, Origin
+from proxy.store.events import Outcome
+from proxy.store.fill import Fill, FillFailed, FillState
 from proxy.store.index import Index, make_engine
 from proxy.store.janitor import Janitor, Policy
 from proxy.store.leases import FillLeases, key_hash
-from tests.test_store import ScriptedUpstream
+from proxy.store.records import FillLease
+from proxy.store.requests import BlobRequest
+from proxy.store.store import Store
+from tests.door import ORIGIN, SCOPE, ScriptedUpstream, as_is, digest_of, get, receive_response, request_for
 
 pytestmark = pytest.mark.anyio
 
-ORIGIN = Origin("test", "upstream.test")
 LEASE_SECONDS = 1.0
 
 
@@ -38,12 +35,18 @@ def anyio_backend() -> str:
 
 
 class Node:
-    """One cache as a pullthrough node builds it, sharing `root` and the index with the others."""
+    """One store as a pullthrough node builds it, sharing `root` and the index with the others."""
 
     def __init__(self, name: str, root: Path, url: str, *, follow_streams: bool = True) -> None:
-        index = Index(make_engine(url))
-        self.leases = FillLeases(index, name, LEASE_SECONDS)
-        self.cache = BlobCache(BlobStore(root, node_id=name), index, leases=self.leases, follow_streams=follow_streams)
+        self.name = name
+        self.store = Store(root, Index(make_engine(url)), node=name, lease_seconds=LEASE_SECONDS, follow_streams=follow_streams)
+        assert self.store.leases is not None
+        self.leases: FillLeases = self.store.leases
+
+    def fill(self, key: str) -> Fill:
+        fill = self.store.fill_in_flight(key)
+        assert fill is not None, f"no fill of {key} on node {self.name}"
+        return fill
 
     def go_silent(self) -> None:
         """Write no more to the leases, as a node that is killed or cut off (its fill goes on)."""
@@ -66,167 +69,174 @@ class Node:
 
 
 @pytest.fixture
-def shared(tmp_path: Path) -> tuple[Path, str]:
-    url = f"sqlite:///{tmp_path / 'index.db'}"
-    upgrade(url)
-    return tmp_path / "cache", url
+def shared(tmp_path: Path, index_url: str) -> tuple[Path, str]:
+    return tmp_path / "cache", index_url
 
 
-def digest_of(data: bytes) -> Digest:
-    return Digest.from_hex(hashlib.sha256(data).hexdigest())
+@pytest.fixture
+async def nodes(shared: tuple[Path, str]):  # type: ignore[no-untyped-def]
+    started: list[Node] = []
+
+    async def start(name: str, **options: bool) -> Node:
+        node = Node(name, *shared, **options)
+        await node.store.start()
+        started.append(node)
+        return node
+
+    yield start
+    for node in started:
+        await node.store.aclose()
 
 
-async def collect(fill: Fill, start: int = 0, end: int | None = None) -> bytes:
-    end = end if end is not None else await fill.opened()
-    assert end is not None
-    return b"".join([chunk async for chunk in iter_bytes(fill, start, end)])
-
-
-async def wait_for(condition, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+async def wait_for(condition, timeout: float = 20.0, message: str = "condition") -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
+        assert time.monotonic() < deadline, f"{message} not met in time"
         await asyncio.sleep(0.02)
 
 
-async def test_a_second_node_follows_the_first_nodes_temp_file_instead_of_going_upstream(shared: tuple[Path, str]) -> None:
-    a, b = Node("a", *shared), Node("b", *shared)
-    await a.cache.start(), await b.cache.start()
+def lease_of(node: Node, key: str) -> FillLease | None:
+    return node.store.index.leases.get(key_hash(key))
+
+
+def client(node: Node, request: BlobRequest, **options: object) -> asyncio.Task:
+    return asyncio.create_task(get(node.store, request, **options))  # type: ignore[arg-type]
+
+
+async def test_a_second_node_follows_the_first_nodes_temp_file_instead_of_going_upstream(nodes) -> None:  # type: ignore[no-untyped-def]
+    a, b = await nodes("a"), await nodes("b")
     data = os.urandom(6 * 1024 * 1024 + 5)
     digest = digest_of(data)
     upstream_a, upstream_b = ScriptedUpstream(data, chunk=512 * 1024), ScriptedUpstream(data)
     upstream_a.stall_at = 3 * 1024 * 1024
     upstream_a.release.clear()
-    fill_a, _ = a.cache.fill(digest, upstream_a.open, origin=ORIGIN)
-    await wait_for(lambda: fill_a.written > 0)
-    fill_b, joined = b.cache.fill(digest, upstream_b.open, origin=ORIGIN)
-    assert not joined  # a fill of its own in node b's process, which follows node a's
-    assert await asyncio.wait_for(fill_b.opened(), 5) == len(data)
-    assert fill_b.node == "a"
-    first = await asyncio.wait_for(collect(fill_b, 0, 1024 * 1024), 5)  # while node a is stalled
-    assert first == data[: 1024 * 1024]
-    whole = asyncio.create_task(collect(fill_b))
+    filler = client(a, request_for(digest, upstream_a))
+    await wait_for(lambda: a.store.fill_in_flight(str(digest)) is not None and a.fill(str(digest)).written > 0)
+    # While node a is stalled half way, node b serves the first MiB from node a's file.
+    first = await asyncio.wait_for(get(b.store, request_for(digest, upstream_b), range_header="bytes=0-1048575"), 10)
+    assert first.status == 206 and first.body == data[: 1024 * 1024]
+    assert b.fill(str(digest)).node == "a"
+    whole = client(b, request_for(digest, upstream_b))
     upstream_a.release.set()
-    assert await asyncio.wait_for(whole, 20) == data
+    assert (await asyncio.wait_for(whole, 20)).body == data
+    assert (await filler).body == data
     assert upstream_a.opens == 1 and upstream_b.opens == 0
-    blob = await fill_b.finished()
-    assert blob is not None and blob.digest == digest
-    await a.cache.aclose(), await b.cache.aclose()
 
 
-async def test_a_silent_filler_is_taken_over_and_followers_get_every_byte_with_one_more_fetch(shared: tuple[Path, str]) -> None:
-    a, b = Node("a", *shared), Node("b", *shared)
-    await a.cache.start(), await b.cache.start()
+async def test_a_silent_filler_is_taken_over_and_followers_get_every_byte_with_one_more_fetch(nodes) -> None:  # type: ignore[no-untyped-def]
+    a, b = await nodes("a"), await nodes("b")
     data = os.urandom(5 * 1024 * 1024)
     digest = digest_of(data)
     upstream_a, upstream_b = ScriptedUpstream(data, chunk=256 * 1024), ScriptedUpstream(data, chunk=256 * 1024)
     upstream_a.stall_at = 2 * 1024 * 1024  # node a stops half way, then stops renewing its lease
     upstream_a.release.clear()
-    fill_a, _ = a.cache.fill(digest, upstream_a.open, origin=ORIGIN)
-    await wait_for(lambda: fill_a.written > 0)
-    fill_b, _ = b.cache.fill(digest, upstream_b.open, origin=ORIGIN)
-    readers = [asyncio.create_task(collect(fill_b)) for _ in range(3)]
-    await wait_for(lambda: fill_b.written >= 2 * 1024 * 1024)  # served from node a's file so far
+    filler = client(a, request_for(digest, upstream_a))
+    await wait_for(lambda: a.store.fill_in_flight(str(digest)) is not None and a.fill(str(digest)).written > 0)
+    readers = [client(b, request_for(digest, upstream_b)) for _ in range(3)]
+    await wait_for(lambda: b.store.fill_in_flight(str(digest)) is not None and b.fill(str(digest)).written >= 2 * 1024 * 1024)
+    fill_b = b.fill(str(digest))
+    assert fill_b.node == "a" and fill_b.generation == 0  # served from node a's file so far
     a.go_silent()
-    assert fill_b.node == "a" and fill_b.generation == 0
     bodies = await asyncio.wait_for(asyncio.gather(*readers), 20)
-    assert all(body == data for body in bodies)
+    assert all(r.body == data and r.error is None for r in bodies)
     assert upstream_a.opens == 1 and upstream_b.opens == 1
     assert fill_b.generation == 1 and fill_b.node is None  # node b fetched it itself
     upstream_a.release.set()  # node a wakes up: its late commit of the same bytes is harmless
-    assert await asyncio.wait_for(fill_a.finished(), 10) is not None
-    await a.cache.aclose(), await b.cache.aclose()
+    assert (await asyncio.wait_for(filler, 10)).body == data
 
 
-async def test_bytes_served_before_a_takeover_that_differ_from_the_blob_fail_the_reader(shared: tuple[Path, str]) -> None:
-    a, b = Node("a", *shared), Node("b", *shared)
-    await a.cache.start(), await b.cache.start()
+async def test_bytes_served_before_a_takeover_that_differ_from_the_blob_fail_the_reader(nodes) -> None:  # type: ignore[no-untyped-def]
+    a, b = await nodes("a"), await nodes("b")
     data = os.urandom(4 * 1024 * 1024)
     corrupt = bytearray(data)
     corrupt[1000] ^= 0xFF  # node a's upstream sent a bad byte early on, then node a died
     upstream_a, upstream_b = ScriptedUpstream(bytes(corrupt), chunk=256 * 1024), ScriptedUpstream(data)
     upstream_a.stall_at = 2 * 1024 * 1024
     upstream_a.release.clear()
-    fill_a, _ = a.cache.fill(digest_of(data), upstream_a.open, origin=ORIGIN)
-    await wait_for(lambda: fill_a.written > 0)
-    fill_b, _ = b.cache.fill(digest_of(data), upstream_b.open, origin=ORIGIN)
-    received = bytearray()
-    with pytest.raises(FillFailed):
-        async for chunk in iter_bytes(fill_b, 0, len(data)):
-            received += chunk
-            if len(received) >= 2 * 1024 * 1024:
-                a.go_silent()
-    assert len(received) < len(data)  # a truncated body, never a complete wrong one
+    client(a, request_for(digest_of(data), upstream_a))
+    await wait_for(lambda: a.store.fill_in_flight(str(digest_of(data))) is not None and a.fill(str(digest_of(data))).written > 0)
+    response = await b.store.serve(request_for(digest_of(data), upstream_b), method="GET", range_header=None, headers={}, media_type="x/y")
+    first = asyncio.Event()
+    reader = asyncio.create_task(receive_response(response, first_chunk=first))
+    await wait_for(lambda: b.fill(str(digest_of(data))).written >= 2 * 1024 * 1024)
+    await first.wait()  # the client holds bytes of node a's corrupt prefix
+    a.go_silent()
+    received = await asyncio.wait_for(reader, 20)
+    assert isinstance(received.error, FillFailed)
+    assert len(received.body) < len(data)  # a truncated body, never a complete wrong one
     upstream_a.abort()
-    await a.cache.aclose(), await b.cache.aclose()
 
 
-async def test_a_follower_reads_no_further_than_the_owner_has_synced_and_published(shared: tuple[Path, str]) -> None:
-    a, b = Node("a", *shared), Node("b", *shared)
+async def test_a_follower_reads_no_further_than_the_owner_has_synced_and_published(nodes) -> None:  # type: ignore[no-untyped-def]
+    a = await nodes("a")
     a.publish_no_progress()
-    await a.cache.start(), await b.cache.start()
+    b = await nodes("b")
     data = os.urandom(3 * 1024 * 1024)
+    digest = digest_of(data)
     upstream_a, upstream_b = ScriptedUpstream(data, chunk=256 * 1024), ScriptedUpstream(data)
     upstream_a.stall_at = 2 * 1024 * 1024
     upstream_a.release.clear()
-    fill_a, _ = a.cache.fill(digest_of(data), upstream_a.open, origin=ORIGIN)
-    await asyncio.wait_for(fill_a.opened(), 5)  # node a holds the lease before node b asks
-    fill_b, _ = b.cache.fill(digest_of(data), upstream_b.open, origin=ORIGIN)
+    client(a, request_for(digest, upstream_a))
+    await wait_for(lambda: (lease := lease_of(a, str(digest))) is not None and lease.state == "streaming")
+    body = client(b, request_for(digest, upstream_b))
+    await wait_for(lambda: b.store.fill_in_flight(str(digest)) is not None)
+    fill_b = b.fill(str(digest))
     assert await asyncio.wait_for(fill_b.opened(), 5) == len(data)  # following node a's file
-    await wait_for(lambda: any(f.stat().st_size >= 2 * 1024 * 1024 for f in a.cache.store.tmp_dir.iterdir()))
-    await asyncio.sleep(1.0)  # three heartbeats, none with a watermark
-    assert fill_b.written == 0  # the file's length alone is not trusted
-    body = asyncio.create_task(collect(fill_b))
+    await wait_for(lambda: any(f.stat().st_size >= 2 * 1024 * 1024 for f in a.store.files.tmp_dir.iterdir()))
+    seen = lease_of(a, str(digest))
+    assert seen is not None
+    await wait_for(lambda: lease_of(a, str(digest)).heartbeat >= seen.heartbeat + 3)  # type: ignore[union-attr]
+    assert fill_b.written == 0  # three heartbeats, none with a watermark: the file's length alone is not trusted
     upstream_a.release.set()
-    assert await asyncio.wait_for(body, 10) == data  # the commit releases everything
+    assert (await asyncio.wait_for(body, 10)).body == data  # the commit releases everything
     assert upstream_b.opens == 0
-    await a.cache.aclose(), await b.cache.aclose()
 
 
-async def test_followers_wait_for_the_commit_when_streams_are_not_followed(shared: tuple[Path, str]) -> None:
-    a, b = Node("a", *shared), Node("b", *shared, follow_streams=False)
-    await a.cache.start(), await b.cache.start()
+async def test_followers_wait_for_the_commit_when_streams_are_not_followed(nodes) -> None:  # type: ignore[no-untyped-def]
+    a, b = await nodes("a"), await nodes("b", follow_streams=False)
     data = os.urandom(3 * 1024 * 1024)
+    digest = digest_of(data)
     upstream_a, upstream_b = ScriptedUpstream(data, chunk=256 * 1024), ScriptedUpstream(data)
     upstream_a.stall_at = 1024 * 1024
     upstream_a.release.clear()
-    fill_a, _ = a.cache.fill(digest_of(data), upstream_a.open, origin=ORIGIN)
-    await wait_for(lambda: fill_a.written > 0)
-    fill_b, _ = b.cache.fill(digest_of(data), upstream_b.open, origin=ORIGIN)
-    opened = asyncio.create_task(fill_b.opened())
-    await asyncio.sleep(0.5)
-    assert not opened.done()  # nothing is read from node a's growing file
+    client(a, request_for(digest, upstream_a))
+    await wait_for(lambda: (lease := lease_of(a, str(digest))) is not None and lease.state == "streaming" and lease.synced > 0)
+    body = client(b, request_for(digest, upstream_b))
+    await wait_for(lambda: b.store.fill_in_flight(str(digest)) is not None)
+    seen = lease_of(a, str(digest))
+    await wait_for(lambda: lease_of(a, str(digest)).heartbeat >= seen.heartbeat + 2)  # type: ignore[union-attr]
+    assert b.fill(str(digest)).state is FillState.OPENING  # nothing is read from node a's growing file
     upstream_a.release.set()
-    assert await asyncio.wait_for(opened, 10) == len(data)
-    assert await collect(fill_b) == data
+    assert (await asyncio.wait_for(body, 10)).body == data
     assert upstream_b.opens == 0
-    await a.cache.aclose(), await b.cache.aclose()
 
 
-async def test_an_object_whose_digest_is_unknown_is_adopted_by_the_digest_the_filler_found(shared: tuple[Path, str]) -> None:
-    a, b = Node("a", *shared), Node("b", *shared)
-    await a.cache.start(), await b.cache.start()
+async def test_an_object_whose_digest_is_unknown_is_adopted_by_the_digest_the_filler_found(nodes) -> None:  # type: ignore[no-untyped-def]
+    a, b = await nodes("a"), await nodes("b")
     data = os.urandom(2 * 1024 * 1024)
     upstream_a, upstream_b = ScriptedUpstream(data, chunk=256 * 1024), ScriptedUpstream(data)
     upstream_a.stall_at = 1024 * 1024
     upstream_a.release.clear()
     key = "s3:bucket/weights.bin@etag1"
-    fill_a, _ = a.cache.fill_unnamed(key, upstream_a.open, origin=ORIGIN)
-    await wait_for(lambda: fill_a.written > 0)
-    fill_b, _ = b.cache.fill_unnamed(key, upstream_b.open, origin=ORIGIN)
-    body = asyncio.create_task(collect(fill_b))
-    await asyncio.sleep(0.3)
+
+    def named(upstream: ScriptedUpstream) -> BlobRequest:
+        return BlobRequest(scope=SCOPE, origin=ORIGIN, opener=upstream.open, translate=as_is, name=key)
+
+    client(a, named(upstream_a))
+    await wait_for(lambda: a.store.fill_in_flight(key) is not None and a.fill(key).written > 0)
+    body = client(b, named(upstream_b))
+    await wait_for(lambda: b.store.fill_in_flight(key) is not None and b.fill(key).node == "a")
+    fill_b = b.fill(key)
     upstream_a.release.set()
-    assert await asyncio.wait_for(body, 10) == data
+    assert (await asyncio.wait_for(body, 10)).body == data
     blob = await fill_b.finished()
     assert blob is not None and blob.digest == digest_of(data) and upstream_b.opens == 0
-    await a.cache.aclose(), await b.cache.aclose()
 
 
-async def test_when_the_filler_fails_before_any_byte_the_follower_asks_the_upstream_itself(shared: tuple[Path, str]) -> None:
-    a, b = Node("a", *shared), Node("b", *shared)
-    await a.cache.start(), await b.cache.start()
+async def test_when_the_filler_fails_before_any_byte_the_follower_asks_the_upstream_itself(nodes) -> None:  # type: ignore[no-untyped-def]
+    a, b = await nodes("a"), await nodes("b")
     data = os.urandom(1024 * 1024)
+    digest = digest_of(data)
     gate = asyncio.Event()
 
     class NotFound(Exception):
@@ -237,58 +247,99 @@ async def test_when_the_filler_fails_before_any_byte_the_follower_asks_the_upstr
         raise NotFound("404 from node a's view of the upstream")
 
     upstream_b = ScriptedUpstream(data)
-    fill_a, _ = a.cache.fill(digest_of(data), refuse, origin=ORIGIN)
-    await asyncio.sleep(0.1)
-    fill_b, _ = b.cache.fill(digest_of(data), upstream_b.open, origin=ORIGIN)
-    await asyncio.sleep(0.3)
+    refused = asyncio.create_task(a.store.serve(
+        BlobRequest(scope=SCOPE, origin=ORIGIN, opener=refuse, translate=as_is, digest=digest),
+        method="GET", range_header=None, headers={}, media_type="x/y",
+    ))
+    await wait_for(lambda: lease_of(a, str(digest)) is not None)
+    body = client(b, request_for(digest, upstream_b))
+    await wait_for(lambda: b.store.fill_in_flight(str(digest)) is not None)
     gate.set()
     with pytest.raises(NotFound):
-        await fill_a.opened()
-    assert await asyncio.wait_for(collect(fill_b), 10) == data  # its own try answered
+        await refused
+    assert (await asyncio.wait_for(body, 10)).body == data  # its own try answered
     assert upstream_b.opens == 1
-    await a.cache.aclose(), await b.cache.aclose()
 
 
-async def test_blobs_being_read_stay_recent_for_every_nodes_janitor(shared: tuple[Path, str]) -> None:
-    a = Node("a", *shared)
-    await a.cache.start()
+async def test_two_nodes_racing_for_a_takeover_one_wins_and_the_loser_follows_it(nodes) -> None:  # type: ignore[no-untyped-def]
+    await check_takeover_race(nodes, loser_waits_for_the_commit=False)
+
+
+async def test_a_node_that_loses_a_takeover_and_first_sees_the_winner_committed_rechecks_what_it_served(nodes) -> None:  # type: ignore[no-untyped-def]
+    # The race found with three processes: the loser's first look at the winner's lease found it
+    # committed, and its clients went on reading the dead node's file past what that file held.
+    await check_takeover_race(nodes, loser_waits_for_the_commit=True)
+
+
+async def check_takeover_race(nodes, *, loser_waits_for_the_commit: bool) -> None:  # type: ignore[no-untyped-def]
+    a, b, c = await nodes("a"), await nodes("b"), await nodes("c")
+    data = os.urandom(4 * 1024 * 1024)
+    digest, key = digest_of(data), str(digest_of(data))
+    upstream_a = ScriptedUpstream(data, chunk=256 * 1024)
+    upstream_a.stall_at = 2 * 1024 * 1024
+    upstream_a.release.clear()
+    fresh = {name: ScriptedUpstream(data) for name in ("b", "c")}
+    client(a, request_for(digest, upstream_a))
+    await wait_for(lambda: (lease := lease_of(a, key)) is not None and lease.synced >= 1024 * 1024)
+    readers = [client(node, request_for(digest, fresh[node.name])) for node in (b, c) for _ in range(2)]
+    await wait_for(lambda: all(n.store.fill_in_flight(key) is not None and n.fill(key).written > 0 for n in (b, c)))
+    if loser_waits_for_the_commit:
+        take_over = c.leases.acquire
+
+        async def after_b_committed(key_: str, owner: str, seen: FillLease | None = None) -> FillLease | None:
+            if seen is not None:
+                await wait_for(lambda: lease_of(b, key_) is not None and lease_of(b, key_).state == "committed")  # type: ignore[union-attr]
+            return await take_over(key_, owner, seen)
+
+        c.leases.acquire = after_b_committed  # type: ignore[method-assign]
+    a.go_silent()
+    bodies = await asyncio.wait_for(asyncio.gather(*readers), 30)
+    assert [(len(r.body), r.error) for r in bodies] == [(len(data), None)] * 4
+    assert all(r.body == data for r in bodies)
+    assert fresh["b"].opens + fresh["c"].opens == 1  # exactly one node won the takeover
+    upstream_a.abort()
+
+
+async def test_blobs_being_read_stay_recent_for_every_nodes_janitor(nodes) -> None:  # type: ignore[no-untyped-def]
+    a = await nodes("a")
     data = os.urandom(64 * 1024)
-    upstream = ScriptedUpstream(data)
-    fill, _ = a.cache.fill(digest_of(data), upstream.open, origin=ORIGIN)
-    blob = await fill.finished()
-    assert blob is not None
-    await a.cache.flush_access()
-    a.cache.index.record_access({str(blob.digest): (time.time() - 7200, 0)})  # last read two hours ago
-    reader = await FileSource(blob, a.cache.in_use).reader()  # ... but a response is reading it now
-    await a.cache.flush_access()
-    record = a.cache.index.get_blob(str(blob.digest))
+    digest = digest_of(data)
+    blob = await a.store.fetch(request_for(digest, ScriptedUpstream(data)))
+    await a.store.flush_access()
+    index = a.store.index
+    index.blobs.record_access({str(digest): (time.time() - 7200, 0)})  # last read two hours ago
+    hold = asyncio.Event()
+    response = await a.store.serve(request_for(digest, ScriptedUpstream(b"")), method="GET", range_header=None, headers={}, media_type="x/y")
+    reading = asyncio.create_task(receive_response(response, hold=hold))  # ... but a response is reading it now
+    await wait_for(lambda: index.blobs.get(str(digest)).hits == 0 and str(digest) in map(str, a.store._in_use.digests()))
+    await a.store.flush_access()
+    record = index.blobs.get(str(digest))
     assert record is not None and time.time() - record.last_access < 60
-    janitor = Janitor(a.cache.store, a.cache.index, Policy(default_ttl=3600))
+    janitor = Janitor(a.store.files, index, Policy(default_ttl=3600))
     assert janitor.purge().removed == []
-    reader.close()
-    a.cache.index.record_access({str(blob.digest): (time.time() - 7200, 0)})
-    await a.cache.flush_access()  # no reader left: nothing refreshes it
-    assert [digest for digest, _ in janitor.purge().removed] == [str(blob.digest)]
-    await a.cache.aclose()
+    hold.set()
+    assert (await reading).body == data
+    index.blobs.record_access({str(blob.digest): (time.time() - 7200, 0)})
+    await a.store.flush_access()  # no reader left: nothing refreshes it
+    assert [d for d, _ in janitor.purge().removed] == [str(blob.digest)]
 
 
-async def test_the_janitor_forgets_finished_leases_and_temp_files_left_by_dead_nodes(shared: tuple[Path, str]) -> None:
-    a = Node("a", *shared)
-    await a.cache.start()
+async def test_the_janitor_forgets_finished_leases_and_temp_files_left_by_dead_nodes(nodes) -> None:  # type: ignore[no-untyped-def]
+    a = await nodes("a")
     data = os.urandom(1024)
-    fill, _ = a.cache.fill(digest_of(data), ScriptedUpstream(data).open, origin=ORIGIN)
-    await fill.finished()
-    index, store = a.cache.index, a.cache.store
-    leftover = store.tmp_dir / "gone-node.4242.0123456789abcdef"
+    digest = digest_of(data)
+    await a.store.fetch(request_for(digest, ScriptedUpstream(data)))
+    index, files = a.store.index, a.store.files
+    assert index.leases.get(key_hash(str(digest))) is not None
+    leftover = files.tmp_dir / "gone-node.4242.0123456789abcdef"
     leftover.write_bytes(b"half a fill")
     os.utime(leftover, (time.time() - 7200, time.time() - 7200))
-    live = store.tmp_dir / "other-node.4243.0123456789abcdef"
+    live = files.tmp_dir / "other-node.4243.0123456789abcdef"
     live.write_bytes(b"a fill in progress")
-    janitor = Janitor(store, index, Policy(default_ttl=86400))
+    janitor = Janitor(files, index, Policy(default_ttl=86400))
     janitor.purge(now=time.time() + 3600)  # an hour later: the committed lease is long finished
-    assert index.get_fill(key_hash(fill.key)) is None
+    assert index.leases.get(key_hash(str(digest))) is None
     assert not leftover.exists() and live.exists()
-    await a.cache.aclose()
 
 
 async def test_stats_of_any_node_add_up_the_counters_every_node_saved(shared: tuple[Path, str]) -> None:
@@ -297,8 +348,9 @@ async def test_stats_of_any_node_add_up_the_counters_every_node_saved(shared: tu
     index = Index(make_engine(shared[1]))
     one, two = Traffic(index, node="one"), Traffic(index, node="two")
     await one.start(), await two.start()  # both read the (empty) totals at start
-    one.hit(ORIGIN, 1000)
-    two.hit(ORIGIN, 500)
+    for traffic, nbytes in ((one, 1000), (two, 500)):
+        traffic.request(ORIGIN, SCOPE, Outcome.HIT, joined=False)
+        traffic.sent_from_cache(ORIGIN, SCOPE, nbytes)
     await one.flush()
     await two.flush()  # saves its own and reads node one's back
     totals = {key.name: value for key, value in two.totals().items()}

@@ -8,12 +8,12 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from proxy.migrate import upgrade
 from proxy.store.blobs import BlobStore
 from proxy.store.digest import Digest
 from proxy.store.index import Index, make_engine
@@ -23,12 +23,11 @@ DAY = 86400.0
 
 
 class Cache:
-    """A store and index on disk, with blobs whose last access the test sets."""
+    """A store and index (SQLite, or PostgreSQL in CI's second pass), with blobs whose last access the test sets."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, url: str) -> None:
         root.mkdir(parents=True, exist_ok=True)
-        url = f"sqlite:///{root / 'index.db'}"
-        upgrade(url)
+        self.root, self.url = root, url
         self.store = BlobStore(root)
         self.store.prepare()
         self.index = Index(make_engine(url))
@@ -36,20 +35,22 @@ class Cache:
     def add(self, data: bytes, *, age: float, source: str = "oci", upstream: str = "docker.io") -> str:
         digest = Digest.from_hex(hashlib.sha256(data).hexdigest())
         self.store.put_bytes(data, digest)
-        self.index.add_blob(str(digest), len(data), source=source, upstream=upstream)
-        self.index.record_access({str(digest): (time.time() - age, 1)})
+        self.index.blobs.add(str(digest), len(data), source=source, upstream=upstream)
+        self.index.blobs.record_access({str(digest): (time.time() - age, 1)})
         return str(digest)
 
     def present(self, digest: str) -> bool:
         on_disk = self.store.stat(Digest.parse(digest)) is not None
-        indexed = self.index.get_blob(digest) is not None
+        indexed = self.index.blobs.get(digest) is not None
         assert on_disk == indexed, f"{digest}: file {on_disk}, row {indexed}"
         return on_disk
 
 
 @pytest.fixture
-def cache(tmp_path: Path) -> Cache:
-    return Cache(tmp_path / "cache")
+def cache(tmp_path: Path, index_url: str) -> Iterator[Cache]:
+    cache = Cache(tmp_path / "cache", index_url)
+    yield cache
+    cache.index.dispose()
 
 
 def test_an_entry_unused_for_its_ttl_goes_and_one_read_within_it_stays(cache: Cache) -> None:
@@ -63,7 +64,7 @@ def test_an_entry_unused_for_its_ttl_goes_and_one_read_within_it_stays(cache: Ca
 
 def test_ttl_counts_from_the_last_access_not_from_the_fetch(cache: Cache) -> None:
     digest = cache.add(b"fetched long ago", age=10 * DAY)
-    cache.index.record_access({digest: (time.time() - 60 * 5, 1)})  # but read five minutes ago
+    cache.index.blobs.record_access({digest: (time.time() - 60 * 5, 1)})  # but read five minutes ago
     Janitor(cache.store, cache.index, Policy(default_ttl=DAY)).purge()
     assert cache.present(digest)
 
@@ -84,7 +85,7 @@ def test_size_cap_evicts_least_recently_used_first_and_never_a_pinned_entry(cach
     old = cache.add(b"o" * 1000, age=4 * 3600)
     middle = cache.add(b"m" * 1000, age=3 * 3600)
     recent = cache.add(b"r" * 1000, age=2 * 3600)
-    cache.index.pin("market-a", [oldest_pinned])
+    cache.index.pins.add("market-a", [oldest_pinned])
     result = Janitor(cache.store, cache.index, Policy(default_ttl=30 * DAY, max_size=2500)).purge()
     assert [d for d, _ in result.removed] == [old, middle]
     assert cache.present(oldest_pinned) and cache.present(recent)
@@ -93,7 +94,7 @@ def test_size_cap_evicts_least_recently_used_first_and_never_a_pinned_entry(cach
 
 def test_pinned_entries_outlive_their_ttl(cache: Cache) -> None:
     pinned = cache.add(b"required resource", age=100 * DAY)
-    cache.index.pin("market-a", [pinned])
+    cache.index.pins.add("market-a", [pinned])
     Janitor(cache.store, cache.index, Policy(default_ttl=DAY)).purge(older_than=0)
     assert cache.present(pinned)
 
@@ -135,7 +136,7 @@ def test_sweep_adopts_files_without_rows_and_drops_rows_without_files(cache: Cac
     assert Janitor(cache.store, cache.index, Policy(default_ttl=DAY)).sweep() == (1, 1)
     assert cache.present(kept)
     assert cache.present(str(unindexed))
-    assert cache.index.get_blob(gone) is None
+    assert cache.index.blobs.get(gone) is None
 
 
 def test_verify_finds_and_repairs_a_corrupted_blob(cache: Cache) -> None:
@@ -149,21 +150,21 @@ def test_verify_finds_and_repairs_a_corrupted_blob(cache: Cache) -> None:
     assert not cache.present(bad) and cache.present(good)
 
 
-def test_cli_purge_and_verify(tmp_path: Path) -> None:
-    cache = Cache(tmp_path / "cache")
+def test_cli_purge_and_verify(cache: Cache) -> None:
     stale = cache.add(b"stale layer", age=3 * DAY)
     run = [sys.executable, "-m", "proxy"]
-    dry = subprocess.run([*run, "purge", "--cache-dir", str(tmp_path / "cache"), "--dry-run"], capture_output=True, text=True, timeout=60)
+    where = ["--cache-dir", str(cache.root), "--database-url", cache.url]
+    dry = subprocess.run([*run, "purge", *where, "--dry-run"], capture_output=True, text=True, timeout=60)
     assert dry.returncode == 0 and "would remove 1 blobs" in dry.stdout and stale in dry.stdout
     assert cache.present(stale)
-    real = subprocess.run([*run, "purge", "--cache-dir", str(tmp_path / "cache")], capture_output=True, text=True, timeout=60)
+    real = subprocess.run([*run, "purge", *where], capture_output=True, text=True, timeout=60)
     assert real.returncode == 0 and "removed 1 blobs" in real.stdout
     assert not cache.present(stale)
     bad = cache.add(b"will rot", age=60)
     cache.store.path_for(Digest.parse(bad)).write_bytes(b"has rotted")
-    check = subprocess.run([*run, "verify", "--cache-dir", str(tmp_path / "cache")], capture_output=True, text=True, timeout=60)
+    check = subprocess.run([*run, "verify", *where], capture_output=True, text=True, timeout=60)
     assert check.returncode == 1 and f"corrupt: {bad}" in check.stdout
-    bad_size = subprocess.run([*run, "purge", "--cache-dir", str(tmp_path / "cache"), "--to-size", "lots"], capture_output=True, text=True, timeout=60)
+    bad_size = subprocess.run([*run, "purge", *where, "--to-size", "lots"], capture_output=True, text=True, timeout=60)
     assert bad_size.returncode == 2 and "lots" in bad_size.stderr
 
 

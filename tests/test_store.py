@@ -1,27 +1,24 @@
-"""The store on its own: content-addressed files, atomic commits, single-flight fills with followers."""
+"""The store on its own, through its one door: content-addressed files, atomic commits, single-flight
+fills with followers, read scopes, and the accounting of every request."""
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import subprocess
-import threading
 from pathlib import Path
 
 import pytest
 
 from proxy.store.blobs import BlobStore, DigestMismatch
-from proxy.store.cache import BlobCache
 from proxy.store.digest import Digest, InvalidDigest, UnsupportedDigest
-from proxy.http.responses import iter_bytes
-from proxy.store.fill import Fill, FillFailed, Origin
-from proxy.store.index import Index, make_engine
-from proxy.migrate import upgrade
+from proxy.store.events import Outcome
+from proxy.store.fill import FillFailed
+from proxy.store.records import ReadScope
+from proxy.store.store import Store
+from tests.door import SCOPE, Events, ScriptedUpstream, digest_of, get, new_store, receive_response, request_for
 
 pytestmark = pytest.mark.anyio
-
-ORIGIN = Origin("test", "upstream.test")
 
 
 @pytest.fixture
@@ -29,51 +26,22 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-class ScriptedUpstream:
-    """An upstream body whose bytes the test can hold back, counting how often it was opened."""
-
-    def __init__(self, data: bytes, *, chunk: int = 256 * 1024, announce: int | None = None) -> None:
-        self.data = data
-        self.chunk = chunk
-        self.size = len(data) if announce is None else announce
-        self.opens = 0
-        self.pos = 0
-        self.release = threading.Event()  # set: bytes flow; clear: the reader blocks at stall_at
-        self.release.set()
-        self.stall_at = 0  # offset from which bytes wait for release
-        self.closed = False
-
-    async def open(self) -> ScriptedUpstream:
-        self.opens += 1
-        return self
-
-    def read_some(self, limit: int) -> bytes:
-        if self.pos >= self.stall_at and not self.release.wait(timeout=30):
-            raise TimeoutError("the test never released the upstream")
-        data = self.data[self.pos : self.pos + min(limit, self.chunk)]
-        self.pos += len(data)
-        return data
-
-    def abort(self) -> None:
-        self.release.set()
-
-    def close(self) -> None:
-        self.closed = True
-
-
 @pytest.fixture
-def cache(tmp_path: Path) -> BlobCache:
-    url = f"sqlite:///{tmp_path / 'index.db'}"
-    upgrade(url)
-    return BlobCache(BlobStore(tmp_path / "cache"), Index(make_engine(url)))
+async def store(tmp_path: Path, index_url: str):  # type: ignore[no-untyped-def]
+    store = new_store(tmp_path, index_url)
+    await store.start()
+    yield store
+    await store.aclose()
 
 
-def digest_of(data: bytes) -> Digest:
-    return Digest.from_hex(hashlib.sha256(data).hexdigest())
+class Refused(Exception):
+    """The upstream's no."""
 
 
-async def collect(fill: Fill, start: int, end: int) -> bytes:
-    return b"".join([chunk async for chunk in iter_bytes(fill, start, end)])
+async def wait_for(condition, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.01)
 
 
 def test_digest_parse_accepts_only_lowercase_sha256() -> None:
@@ -116,116 +84,212 @@ def test_prepare_sweeps_temp_files_of_dead_processes_of_this_node_only(tmp_path:
     assert sorted(p.name for p in store.tmp_dir.iterdir()) == sorted([f"node-a.{os.getppid()}.feedface", "node-b.456.cafebabe"])
 
 
-async def test_concurrent_misses_share_one_upstream_stream(cache: BlobCache) -> None:
-    await cache.start()
+async def test_concurrent_misses_share_one_upstream_stream_and_are_counted_as_coalesced(tmp_path: Path, index_url: str) -> None:
+    events = Events()
+    store = new_store(tmp_path, index_url, events=events)
+    await store.start()
     data = os.urandom(3 * 1024 * 1024 + 17)
     digest = digest_of(data)
     upstream = ScriptedUpstream(data)
     upstream.release.clear()
-    fills = [cache.fill(digest, upstream.open, origin=ORIGIN) for _ in range(8)]
-    assert [joined for _, joined in fills] == [False] + [True] * 7
-    readers = [asyncio.create_task(collect(fill, 0, len(data))) for fill, _ in fills]
+    clients = [asyncio.create_task(get(store, request_for(digest, upstream))) for _ in range(8)]
+    # All eight overlap: the upstream sends nothing until seven requests have joined the first one's fill.
+    await wait_for(lambda: (fill := store.fill_in_flight(str(digest))) is not None and fill.stats.followers == 7)
+    fill = store.fill_in_flight(str(digest))
     upstream.release.set()
-    bodies = await asyncio.gather(*readers)
+    bodies = await asyncio.gather(*clients)
     assert upstream.opens == 1
-    assert all(body == data for body in bodies)
-    assert await fills[0][0].finished() is not None  # readers may finish before the rename
-    assert (await cache.lookup(digest)) is not None
-    await cache.aclose()
+    assert all(b.status == 200 and b.body == data for b in bodies)
+    assert sorted(joined for _, _, joined in events.requests) == [False] + [True] * 7
+    assert {outcome for _, outcome, _ in events.requests} == {Outcome.MISS}
+    assert await fill.finished() is not None  # the commit may follow the last byte
+    again = await get(store, request_for(digest, upstream))
+    assert again.body == data and events.requests[-1] == (str(SCOPE), Outcome.HIT, False) and events.sent == len(data)
+    await store.aclose()
 
 
-async def test_follower_receives_bytes_before_the_fill_completes(cache: BlobCache) -> None:
-    await cache.start()
+async def test_a_client_receives_bytes_before_the_fill_completes(store: Store) -> None:
     data = os.urandom(4 * 1024 * 1024)
     digest = digest_of(data)
     upstream = ScriptedUpstream(data, chunk=512 * 1024)
     upstream.stall_at = 2 * 1024 * 1024
     upstream.release.clear()
-    fill, _ = cache.fill(digest, upstream.open, origin=ORIGIN)
-    await fill.opened()
-    for _ in range(500):
-        if fill.written >= 1024 * 1024:
-            break
-        await asyncio.sleep(0.01)
-    assert 0 < fill.written < len(data)
-    reader = iter_bytes(fill, 0, len(data))
-    first = await asyncio.wait_for(reader.__anext__(), timeout=5)
-    assert len(first) >= 1024 * 1024 and first == data[: len(first)]
+    response = await store.serve(request_for(digest, upstream), method="GET", range_header=None, headers={}, media_type="x/y")
+    first = asyncio.Event()
+    client = asyncio.create_task(receive_response(response, first_chunk=first))
+    await asyncio.wait_for(first.wait(), 10)  # bytes arrived while the upstream is stalled half way
+    assert upstream.pos <= 2 * 1024 * 1024
     upstream.release.set()
-    rest = b"".join([chunk async for chunk in reader])
-    assert first + rest == data
-    await cache.aclose()
+    received = await asyncio.wait_for(client, 20)
+    assert received.body == data and received.error is None
 
 
-async def test_a_range_reaching_the_end_of_a_growing_blob_ends_only_after_verification(cache: BlobCache) -> None:
-    await cache.start()
+async def test_a_range_reaching_the_end_of_a_growing_blob_ends_only_after_verification(store: Store) -> None:
     data = os.urandom(2 * 1024 * 1024)
-    upstream = ScriptedUpstream(data)
-    fill, _ = cache.fill(digest_of(data), upstream.open, origin=ORIGIN)
-    body = await collect(fill, len(data) - 5000, len(data))
-    assert body == data[-5000:]
-    assert fill.verified  # the last byte waited for the verification
-    await cache.aclose()
+    digest = digest_of(data)
+    upstream = ScriptedUpstream(data, chunk=len(data))
+    upstream.stall_at = len(data)  # every byte arrives, but not the end of the body: verification waits for it
+    upstream.release.clear()
+    response = await store.serve(request_for(digest, upstream), method="GET", range_header=f"bytes={len(data) - 5000}-", headers={}, media_type="x/y")
+    client = asyncio.create_task(receive_response(response))
+    fill = store.fill_in_flight(str(digest))
+    assert fill is not None
+    await wait_for(lambda: fill.written == len(data))
+    await asyncio.sleep(0.2)
+    assert not client.done() and not fill.verified  # all bytes on disk, the last one held back
+    upstream.release.set()
+    received = await asyncio.wait_for(client, 10)
+    assert received.status == 206 and received.body == data[-5000:] and fill.verified
 
 
-async def test_a_range_inside_a_growing_blob_is_served_before_the_fill_ends(cache: BlobCache) -> None:
-    await cache.start()
+async def test_a_range_inside_a_growing_blob_is_served_before_the_fill_ends(store: Store) -> None:
     data = os.urandom(4 * 1024 * 1024)
+    digest = digest_of(data)
     upstream = ScriptedUpstream(data, chunk=512 * 1024)
     upstream.stall_at = 2 * 1024 * 1024
     upstream.release.clear()
-    fill, _ = cache.fill(digest_of(data), upstream.open, origin=ORIGIN)
-    body = await asyncio.wait_for(collect(fill, 1000, 5000), timeout=5)
-    assert body == data[1000:5000]
-    assert not fill.verified  # served while the upstream was still stalled
+    received = await asyncio.wait_for(get(store, request_for(digest, upstream), range_header="bytes=1000-4999"), 10)
+    assert received.status == 206 and received.body == data[1000:5000]
+    fill = store.fill_in_flight(str(digest))
+    assert fill is not None and not fill.verified  # served while the upstream was still stalled
     upstream.release.set()
     await fill.finished()
-    await cache.aclose()
 
 
-async def test_upstream_sending_wrong_bytes_fails_every_reader_and_caches_nothing(cache: BlobCache) -> None:
-    await cache.start()
+async def test_upstream_sending_wrong_bytes_fails_every_reader_and_caches_nothing(store: Store) -> None:
     wanted = os.urandom(1024 * 1024)
     digest = digest_of(wanted)
     corrupt = bytearray(wanted)
     corrupt[-1] ^= 0xFF
     upstream = ScriptedUpstream(bytes(corrupt))
-    fills = [cache.fill(digest, upstream.open, origin=ORIGIN) for _ in range(3)]
-    received: list[bytes] = [b"", b"", b""]
-
-    async def read(i: int) -> None:
-        async for chunk in iter_bytes(fills[i][0], 0, len(wanted)):
-            received[i] += chunk
-
-    results = await asyncio.gather(*(read(i) for i in range(3)), return_exceptions=True)
-    assert all(isinstance(r, FillFailed) for r in results)
-    assert all(len(body) < len(wanted) for body in received)  # never the whole (wrong) body
-    assert (await cache.lookup(digest)) is None
-    assert list(cache.store.tmp_dir.iterdir()) == []
-    await cache.aclose()
+    received = await asyncio.gather(*(get(store, request_for(digest, upstream)) for _ in range(3)))
+    assert all(isinstance(r.error, FillFailed) for r in received)
+    assert all(len(r.body) < len(wanted) for r in received)  # never the whole (wrong) body
+    assert store.files.stat(digest) is None
+    assert list(store.files.tmp_dir.iterdir()) == []
 
 
-async def test_short_upstream_body_is_not_committed(cache: BlobCache) -> None:
-    await cache.start()
+async def test_short_upstream_body_is_not_committed(store: Store) -> None:
     data = os.urandom(100_000)
     upstream = ScriptedUpstream(data[:50_000], announce=len(data))
-    fill, _ = cache.fill(digest_of(data), upstream.open, origin=ORIGIN)
-    assert await fill.finished() is None
-    assert (await cache.lookup(digest_of(data))) is None
-    await cache.aclose()
+    received = await get(store, request_for(digest_of(data), upstream))
+    assert received.error is not None and len(received.body) < len(data)
+    assert store.files.stat(digest_of(data)) is None
 
 
-async def test_a_committed_blob_is_indexed_and_access_is_batched(cache: BlobCache) -> None:
-    await cache.start()
+async def test_a_committed_blob_is_indexed_and_access_is_batched(store: Store) -> None:
     data = b"layer bytes"
     digest = digest_of(data)
-    fill, _ = cache.fill(digest, ScriptedUpstream(data).open, origin=ORIGIN)
-    await fill.finished()
-    record = cache.index.get_blob(str(digest))
+    await store.fetch(request_for(digest, ScriptedUpstream(data)))
+    record = store.index.blobs.get(str(digest))
     assert record is not None and record.size == len(data) and record.hits == 0
     for _ in range(3):
-        assert await cache.lookup(digest) is not None
-    assert cache.index.get_blob(str(digest)).hits == 0  # no write per hit
-    await cache.flush_access()
-    assert cache.index.get_blob(str(digest)).hits == 3
-    await cache.aclose()
+        assert (await get(store, request_for(digest, ScriptedUpstream(b"")))).body == data
+    assert store.index.blobs.get(str(digest)).hits == 0  # no write per hit
+    await store.flush_access()
+    assert store.index.blobs.get(str(digest)).hits == 3
+
+
+# -- read scopes ------------------------------------------------------------------------------------
+
+PRIVATE_A = ReadScope("oci:registry.test/private-a")
+OTHER_B = ReadScope("oci:registry.test/other-b")
+
+
+async def test_a_blob_admitted_to_one_scope_is_not_served_to_another_the_upstream_refuses(store: Store) -> None:
+    data = os.urandom(200_000)
+    digest = digest_of(data)
+    await store.fetch(request_for(digest, ScriptedUpstream(data), scope=PRIVATE_A))
+    second = ScriptedUpstream(data)
+
+    async def refuse() -> int:
+        raise Refused("not in repository b")
+
+    for method, range_header in (("GET", None), ("HEAD", None), ("GET", "bytes=0-99")):
+        with pytest.raises(Refused):
+            await store.serve(
+                request_for(digest, second, scope=OTHER_B, confirm=refuse),
+                method=method, range_header=range_header, headers={}, media_type="x/y",
+            )
+    assert second.opens == 0
+    assert not await store.admitted(OTHER_B, digest)
+    assert (await get(store, request_for(digest, second, scope=PRIVATE_A))).body == data  # still there for A
+
+
+async def test_a_scope_the_upstream_confirms_is_admitted_without_fetching_a_byte_again(store: Store) -> None:
+    data = os.urandom(300_000)
+    digest = digest_of(data)
+    await store.fetch(request_for(digest, ScriptedUpstream(data), scope=PRIVATE_A))
+    heads = []
+
+    async def confirm() -> int:
+        heads.append(1)
+        return len(data)
+
+    second = ScriptedUpstream(data)
+    for _ in range(3):
+        received = await get(store, request_for(digest, second, scope=OTHER_B, confirm=confirm))
+        assert received.body == data
+    assert len(heads) == 1 and second.opens == 0  # one confirmation, then admitted
+    assert await store.admitted(OTHER_B, digest)
+
+
+async def test_without_a_confirmation_the_upstream_decides_by_answering_and_nothing_is_read_twice(store: Store) -> None:
+    data = os.urandom(5 * 1024 * 1024)
+    digest = digest_of(data)
+    await store.fetch(request_for(digest, ScriptedUpstream(data), scope=PRIVATE_A))
+    second = ScriptedUpstream(data)
+    assert (await get(store, request_for(digest, second, scope=OTHER_B))).body == data
+    assert second.opens == 1 and second.aborted and second.pos == 0  # it answered; not a byte was read
+
+
+async def test_a_request_may_join_a_fill_of_another_scope_only_once_the_upstream_confirms(tmp_path: Path, index_url: str) -> None:
+    events = Events()
+    store = new_store(tmp_path, index_url, events=events)
+    await store.start()
+    data = os.urandom(2 * 1024 * 1024)
+    digest = digest_of(data)
+    upstream = ScriptedUpstream(data)
+    upstream.release.clear()
+    owner = asyncio.create_task(get(store, request_for(digest, upstream, scope=PRIVATE_A)))
+    await wait_for(lambda: store.fill_in_flight(str(digest)) is not None)
+
+    async def refuse() -> int:
+        raise Refused("not in repository b")
+
+    async def confirm() -> int:
+        return len(data)
+
+    with pytest.raises(Refused):
+        await store.serve(request_for(digest, upstream, scope=OTHER_B, confirm=refuse), method="GET", range_header=None, headers={}, media_type="x/y")
+    joined = asyncio.create_task(get(store, request_for(digest, upstream, scope=OTHER_B, confirm=confirm)))
+    fill = store.fill_in_flight(str(digest))
+    await wait_for(lambda: fill.stats.followers == 1)
+    upstream.release.set()
+    assert (await owner).body == data and (await joined).body == data
+    assert upstream.opens == 1
+    assert await fill.finished() is not None  # committed: every scope that read it is admitted by now
+    assert await store.admitted(PRIVATE_A, digest) and await store.admitted(OTHER_B, digest)
+    await store.aclose()
+
+
+async def test_a_head_never_starts_a_fill_and_is_counted_like_a_get(tmp_path: Path, index_url: str) -> None:
+    events = Events()
+    store = new_store(tmp_path, index_url, events=events)
+    await store.start()
+    data = os.urandom(1000)
+    digest = digest_of(data)
+    upstream = ScriptedUpstream(data)
+
+    async def confirm() -> int:
+        return len(data)
+
+    head = await get(store, request_for(digest, upstream, confirm=confirm), method="HEAD")
+    assert head.status == 200 and head.headers["content-length"] == "1000" and head.body == b""
+    assert upstream.opens == 0 and store.files.stat(digest) is None
+    await get(store, request_for(digest, upstream, confirm=confirm))
+    await store.fetch(request_for(digest, upstream, confirm=confirm))  # returns once committed
+    await get(store, request_for(digest, upstream, confirm=confirm), method="HEAD")
+    assert [outcome for _, outcome, _ in events.requests] == [Outcome.MISS, Outcome.MISS, Outcome.HIT]
+    assert events.sent == 0  # a HEAD sends no bytes, a miss none from the cache
+    await store.aclose()

@@ -17,7 +17,6 @@ from starlette.types import Receive, Scope, Send
 
 from proxy.http.ranges import ByteRange, parse_range
 from proxy.http.zerocopy import EXTENSION as ZEROCOPY
-from proxy.store.blobs import BlobFile
 
 CHUNK = 4 * 1024 * 1024
 
@@ -37,43 +36,6 @@ class Reader(Protocol):
 
 class ByteSource(Protocol):
     async def reader(self) -> Reader: ...
-
-
-class InUse(Protocol):
-    """Told which committed blobs are being read, so that no janitor removes them meanwhile."""
-
-    def opened(self, blob: BlobFile) -> None: ...
-
-    def closed(self, blob: BlobFile) -> None: ...
-
-
-class FileReader:
-    def __init__(self, fd: int, blob: BlobFile, in_use: InUse | None) -> None:
-        self.fd = fd
-        self._blob = blob
-        self._in_use = in_use
-        if in_use is not None:
-            in_use.opened(blob)
-
-    async def readable(self, pos: int, end: int) -> int:
-        return end
-
-    def close(self) -> None:
-        os.close(self.fd)
-        if self._in_use is not None:
-            self._in_use.closed(self._blob)
-
-
-class FileSource:
-    """A committed blob on disk: everything is readable at once."""
-
-    def __init__(self, blob: BlobFile, in_use: InUse | None = None) -> None:
-        self.blob = blob
-        self._in_use = in_use
-
-    async def reader(self) -> FileReader:
-        fd = await anyio.to_thread.run_sync(os.open, self.blob.path, os.O_RDONLY | os.O_CLOEXEC)
-        return FileReader(fd, self.blob, self._in_use)
 
 
 async def iter_bytes(source: ByteSource, start: int, end: int) -> AsyncIterator[bytes]:

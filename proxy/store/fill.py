@@ -1,10 +1,10 @@
-"""A fill as its readers see it: a blob arriving in a file, read while it grows.
+"""A fill: one blob arriving in a file, read while it grows. Readers see a Fill; whoever brings the
+bytes (this process's filler, or the follower of another node's download) drives its FillWriter.
 
 A reader whose response reaches the end of the blob gets its last byte only once the whole blob
 has been verified: a mismatching upstream leaves such a client with a truncated body (an error),
 never a complete wrong one. A range that ends earlier is served as soon as its bytes are on disk,
-as it would be from the upstream. Who writes the file is filler.py's business (this process) or
-follow.py's (another process sharing the cache).
+as it would be from the upstream.
 """
 
 from __future__ import annotations
@@ -14,14 +14,13 @@ import enum
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
-
-import anyio
 
 from proxy.store.blobs import BlobFile
 from proxy.store.digest import Digest
-from proxy.store.index import FillLease
+from proxy.store.pools import Pools
+from proxy.store.records import ReadScope
 
 COMPARE_CHUNK = 4 * 1024 * 1024
 
@@ -60,32 +59,7 @@ class AsyncUpstreamBody(Protocol):
 
 
 Opener = Callable[[], Awaitable[UpstreamBody | AsyncUpstreamBody]]
-CommitHook = Callable[[BlobFile, "Origin"], Awaitable[None]]
-
-
-@dataclass(frozen=True, slots=True)
-class Origin:
-    """Where bytes come from: the source kind (oci, hf, …) and the upstream (docker.io, …)."""
-
-    source: str
-    upstream: str
-
-
-class FillListener(Protocol):
-    def fill_finished(self, origin: Origin, nbytes: int, seconds: float, ok: bool) -> None: ...
-
-    def fill_followed(self, origin: Origin) -> None:
-        """Another process of the fleet downloaded it; this one served it from the shared files."""
-
-    def fill_taken_over(self, origin: Origin) -> None:
-        """This process took the download over from another that went silent."""
-
-
-@dataclass(frozen=True, slots=True)
-class TakeOver:
-    """A lease to replace: `seen` as last read (compare-and-swap), or None when the row vanished."""
-
-    seen: FillLease | None
+AfterCommit = Callable[[BlobFile], Awaitable[None]]
 
 
 class FillFailed(Exception):
@@ -101,100 +75,46 @@ class FillState(enum.Enum):
 
 @dataclass
 class FillStats:
-    started_at: float
+    started_at: float = field(default_factory=time.monotonic)
     followers: int = 0
 
 
 class Fill:
     """One blob being fetched, by this process or (followed through its temp file) by another.
 
-    Readers wait on it with `opened()` and read through `reader()`. `digest` is known up front for
+    Readers wait with `opened()` and read through `reader()`. `digest` is known up front for
     content-addressed upstreams (OCI, LFS) and verified at the end; for others (S3 objects, web
-    files) it is what the bytes hash to, set when they are complete.
+    files) it is what the bytes hash to, set when they are complete. `scopes` are the read scopes
+    of the requests allowed to read it: each is admitted to the blob when it commits.
 
     The bytes come from one file per generation. A new generation starts when the process being
-    followed died and another took over: readers move to the new file at the offset they reached.
-    The prefixes earlier generations served are compared with the final bytes before any reader
-    gets its last byte.
+    followed died and another took over: readers move to the new file at the offset they reached,
+    and the prefixes earlier generations served are compared with the final bytes before any
+    reader gets its last byte.
     """
 
-    def __init__(self, key: str, digest: Digest | None) -> None:
+    def __init__(self, key: str, digest: Digest | None, scope: ReadScope, pools: Pools) -> None:
         self.key = key
+        self.pools = pools
         self.digest = digest
+        self.scopes: set[ReadScope] = {scope}
+        self.after_commit: list[AfterCommit] = []
         self.state = FillState.OPENING
         self.size: int | None = None
         self.written = 0
         self.error: BaseException | None = None
         self.blob: BlobFile | None = None
-        self.stats = FillStats(started_at=time.monotonic())
+        self.stats = FillStats()
         self.generation = 0
         self.node: str | None = None  # the node whose fill is followed; None when it is this process
+        self.verified = False  # every byte arrived and matched the digest
         self._fd: int | None = None  # what readers dup: our temp file's, or one on another node's
         self._owns_fd = False
         self._earlier: list[tuple[int, int]] = []  # (descriptor, bytes it held) of past generations
         self._discarding = False  # set before the temp file is closed: no new reader may dup it
-        self.verified = False  # every byte arrived and matched the digest
         self._changed = asyncio.Event()
         self._opened = asyncio.Event()
-
-    # -- the filling task's side ------------------------------------------------------------
-    def _notify(self) -> None:
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
-
-    def _set_open(self, fd: int, size: int | None, *, owned: bool = False) -> None:
-        """Bytes start arriving in the file behind `fd` (closed by the fill if `owned`); a new
-        generation if another file served some before."""
-        if self._fd is not None:
-            # An earlier generation's descriptor is always one we opened on another node's file.
-            self._earlier.append((self._fd, self.written))
-            self.generation += 1
-            self.written = 0
-        self._fd, self._owns_fd, self.size, self.state = fd, owned, size, FillState.STREAMING
-        self._opened.set()
-        self._notify()
-
-    def _advance(self, written: int) -> None:
-        self.written = written
-        self._notify()
-
-    def _verified(self) -> None:
-        self.verified = True
-        self._notify()
-
-    def _commit(self, blob: BlobFile) -> None:
-        self.blob, self.size, self.written, self.state = blob, blob.size, blob.size, FillState.COMMITTED
-        self._opened.set()
-        self._notify()
-
-    def _fail(self, error: BaseException) -> None:
-        self.error, self.state = error, FillState.FAILED
-        self._opened.set()
-        self._notify()
-
-    def _check_earlier(self, final_fd: int) -> None:
-        """Blocking: raise unless every earlier generation's bytes equal the final ones."""
-        for fd, length in self._earlier:
-            for offset in range(0, length, COMPARE_CHUNK):
-                want = min(COMPARE_CHUNK, length - offset)
-                if os.pread(fd, want, offset) != os.pread(final_fd, want, offset):
-                    raise FillFailed(f"{self.key}: the bytes served before a takeover differ at offset {offset}")
-
-    def _retire_current(self) -> None:
-        """Make the file being followed an earlier generation, to be checked against the blob."""
-        if self._fd is not None:
-            self._earlier.append((self._fd, self.written))
-            self._fd, self._owns_fd = None, False
-            self.generation += 1  # readers move on when the commit (or a new file) wakes them
-
-    def _release(self) -> None:
-        """Close the descriptors the fill opened itself, once it has ended (readers hold dups)."""
-        for fd, _ in self._earlier:
-            os.close(fd)
-        self._earlier.clear()
-        if self._owns_fd and self._fd is not None:
-            os.close(self._fd)
-        self._fd, self._owns_fd = None, False
+        self.writer = FillWriter(self)
 
     # -- the readers' side -----------------------------------------------------------------
     async def opened(self) -> int | None:
@@ -235,6 +155,105 @@ class Fill:
             await self._changed.wait()
 
 
+class FillWriter:
+    """The side of a Fill that brings its bytes: opened on a file, advanced, verified, committed or
+    failed. Driven by the filler for downloads of this process and by the remote follower for
+    downloads of another node; nothing else changes a Fill."""
+
+    def __init__(self, fill: Fill) -> None:
+        self._fill = fill
+
+    def _notify(self) -> None:
+        fill = self._fill
+        changed, fill._changed = fill._changed, asyncio.Event()
+        changed.set()
+
+    @property
+    def discarding(self) -> bool:
+        return self._fill._discarding
+
+    @property
+    def has_earlier(self) -> bool:
+        return bool(self._fill._earlier)
+
+    def open(self, fd: int, size: int | None, *, owned: bool = False, node: str | None = None) -> None:
+        """Bytes start arriving in the file behind `fd` (closed by the fill if `owned`), written by
+        `node` (None: this process); a new generation if another file served some before."""
+        fill = self._fill
+        if fill._fd is not None:
+            self._retire(fill._fd, fill._owns_fd)
+        fill._fd, fill._owns_fd, fill.size, fill.state, fill.node = fd, owned, size, FillState.STREAMING, node
+        fill._opened.set()
+        self._notify()
+
+    def _retire(self, fd: int, owned: bool) -> None:
+        fill = self._fill
+        # An earlier generation is compared with the final bytes: keep a descriptor on it.
+        fill._earlier.append((fd if owned else os.dup(fd), fill.written))
+        fill._fd, fill._owns_fd = None, False
+        fill.generation += 1
+        fill.written = 0
+
+    def advance(self, written: int) -> None:
+        self._fill.written = written
+        self._notify()
+
+    def mark_verified(self) -> None:
+        """Every byte arrived and matched: readers may take the last byte now."""
+        self._fill.verified = True
+        self._notify()
+
+    def set_digest(self, digest: Digest) -> None:
+        self._fill.digest = digest
+
+    def start_discarding(self) -> None:
+        """The temp file is about to close: no new reader may take a descriptor on it."""
+        self._fill._discarding = True
+
+    def retire_unless_same_file(self, blob: BlobFile) -> None:
+        """Blocking. Another node committed `blob`: if the file readers follow now is not that very
+        file (renamed into place), make it an earlier generation, so that what it served is checked
+        against the blob and readers move to the blob itself."""
+        fill = self._fill
+        if fill._fd is None:
+            return
+        current, final = os.fstat(fill._fd), os.stat(blob.path)
+        if (current.st_dev, current.st_ino) != (final.st_dev, final.st_ino):
+            self._retire(fill._fd, fill._owns_fd)
+
+    def check_earlier(self, final_fd: int) -> None:
+        """Blocking: raise unless every earlier generation's bytes equal the final ones."""
+        for fd, length in self._fill._earlier:
+            for offset in range(0, length, COMPARE_CHUNK):
+                want = min(COMPARE_CHUNK, length - offset)
+                if os.pread(fd, want, offset) != os.pread(final_fd, want, offset):
+                    raise FillFailed(f"{self._fill.key}: the bytes served before a takeover differ at offset {offset}")
+
+    def commit(self, blob: BlobFile) -> None:
+        fill = self._fill
+        fill.blob, fill.digest, fill.size, fill.written, fill.state = blob, blob.digest, blob.size, blob.size, FillState.COMMITTED
+        fill._opened.set()
+        self._notify()
+
+    def fail(self, error: BaseException) -> None:
+        fill = self._fill
+        if fill.state is FillState.FAILED:
+            return
+        fill.error, fill.state = error, FillState.FAILED
+        fill._opened.set()
+        self._notify()
+
+    def release(self) -> None:
+        """Close the descriptors the fill opened itself, once it has ended (readers hold dups)."""
+        fill = self._fill
+        for fd, _ in fill._earlier:
+            os.close(fd)
+        fill._earlier.clear()
+        if fill._owns_fd and fill._fd is not None:
+            os.close(fill._fd)
+        fill._fd, fill._owns_fd = None, False
+
+
 class FillReader:
     """One reader's descriptor on a fill, moved to the new file when the fill changes generation."""
 
@@ -251,7 +270,7 @@ class FillReader:
             generation = fill.generation
             if fill.state is FillState.COMMITTED:
                 assert fill.blob is not None
-                self.fd = await anyio.to_thread.run_sync(os.open, fill.blob.path, os.O_RDONLY | os.O_CLOEXEC)
+                self.fd = await fill.pools.files(os.open, fill.blob.path, os.O_RDONLY | os.O_CLOEXEC)
                 break
             if fill.state is FillState.FAILED or fill._discarding:
                 raise FillFailed(f"fill of {fill.key} failed: {fill.error}")

@@ -11,35 +11,39 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
-import anyio
-
-from proxy.store.blobs import BlobStore, TempBlob
+from proxy.store.blobs import BlobFile, BlobStore, TempBlob
 from proxy.store.digest import Digest
-from proxy.store.fill import (
-    AsyncUpstreamBody,
-    CommitHook,
-    Fill,
-    FillFailed,
-    FillListener,
-    FillState,
-    Opener,
-    Origin,
-    UpstreamBody,
-)
+from proxy.store.events import StoreEvents
+from proxy.store.fill import AsyncUpstreamBody, Fill, FillFailed, FillState, Opener, UpstreamBody
 from proxy.store.follow import RemoteFollower
-from proxy.store.leases import FillLeases, LeaseState
+from proxy.store.leases import FillLeases
+from proxy.store.pools import Pools
+from proxy.store.records import LeaseState, Origin, ReadScope
+from proxy.store.transfer import ContentCheck, receive
 
 log = logging.getLogger(__name__)
 
-READ_CHUNK = 4 * 1024 * 1024
-NOTIFY_BYTES = 1024 * 1024
-NOTIFY_SECONDS = 0.05
-# Fills block a thread each for their whole transfer; the default executor has only cores + 4.
-_FILL_THREADS = ThreadPoolExecutor(max_workers=128, thread_name_prefix="fill")
+# Told of every commit, whether this process downloaded the blob (True) or adopted another's.
+CommitHook = Callable[[Fill, BlobFile, Origin, bool], Awaitable[None]]
+# Told when a download of this process is verified, before its file appears under blobs/.
+VerifiedHook = Callable[[Fill, Digest], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class FillPlan:
+    """How to fill one key: where the bytes come from and what they must be."""
+
+    key: str
+    opener: Opener
+    origin: Origin
+    scope: ReadScope
+    digest: Digest | None = None
+    expected_size: int | None = None
+    check: ContentCheck | None = None
 
 
 class Filler:
@@ -50,91 +54,92 @@ class Filler:
     def __init__(
         self,
         store: BlobStore,
+        pools: Pools,
+        on_verified: VerifiedHook,
         on_commit: CommitHook,
-        listener: FillListener | None = None,
+        events: StoreEvents,
         leases: FillLeases | None = None,
         *,
         follow_streams: bool = True,
     ) -> None:
         self._store = store
+        self._pools = pools
+        self._on_verified = on_verified
         self._on_commit = on_commit
-        self._listener = listener
+        self._events = events
         self._leases = leases
-        self._follower = RemoteFollower(store, leases, follow_streams=follow_streams) if leases is not None else None
+        self._follower = RemoteFollower(store, pools, leases, follow_streams=follow_streams) if leases is not None else None
         self._inflight: dict[str, Fill] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     def inflight(self, key: str) -> Fill | None:
         return self._inflight.get(key)
 
-    def start_or_follow(
-        self, key: str, opener: Opener, *, origin: Origin, digest: Digest | None = None, expected_size: int | None = None
-    ) -> tuple[Fill, bool]:
-        """The fill for this key, and whether this call joined one already running in this process."""
-        fill = self._inflight.get(key)
-        if fill is not None:
-            fill.stats.followers += 1
-            return fill, True
-        fill = Fill(key, digest)
-        self._inflight[key] = fill
-        task = asyncio.create_task(self._run(fill, opener, origin, expected_size), name=f"fill {key}")
+    def start(self, plan: FillPlan) -> Fill:
+        """A new fill for the key (the caller checked none is in flight), running in its own task."""
+        assert plan.key not in self._inflight
+        fill = Fill(plan.key, plan.digest, plan.scope, self._pools)
+        self._inflight[plan.key] = fill
+        task = asyncio.create_task(self._run(fill, plan), name=f"fill {plan.key}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return fill, False
+        return fill
 
-    async def _run(self, fill: Fill, opener: Opener, origin: Origin, expected_size: int | None) -> None:
+    async def _run(self, fill: Fill, plan: FillPlan) -> None:
         try:
-            # A fill that committed between the caller's lookup and now must not fetch again.
+            # A blob committed (by another scope) between the caller's lookup and now is not fetched
+            # again, but the upstream still decides whether this scope may read it.
             if fill.digest is not None:
-                existing = await anyio.to_thread.run_sync(self._store.stat, fill.digest)
+                existing = await self._pools.files(self._store.stat, fill.digest)
                 if existing is not None:
-                    fill._commit(existing)
+                    await confirm_by_opening(plan.opener, self._pools)
+                    await self._on_commit(fill, existing, plan.origin, False)
+                    fill.writer.commit(existing)
                     return
-            await self._coordinate(fill, opener, origin, expected_size)
+            await self._coordinate(fill, plan)
         except BaseException as exc:  # noqa: BLE001 - the fill must never leave readers waiting
-            if fill.state is not FillState.FAILED:
-                fill._fail(exc)
+            fill.writer.fail(exc)
             if not isinstance(exc, asyncio.CancelledError):
                 log.warning("fill of %s failed: %s", fill.key, exc)
             if isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt, SystemExit)):
                 raise
         finally:
             self._inflight.pop(fill.key, None)
-            fill._release()
+            fill.writer.release()
 
-    async def _coordinate(self, fill: Fill, opener: Opener, origin: Origin, expected_size: int | None) -> None:
+    async def _coordinate(self, fill: Fill, plan: FillPlan) -> None:
         """Fetch the key ourselves if we hold its lease, else follow the holder until it commits,
-        taking the lease over when the holder dies."""
+        taking the lease over when the holder dies. A node that loses a takeover follows the winner."""
         owner = self._store.temp_name()
         lease = await self._leases.acquire(fill.key, owner) if self._leases is not None else None
         took_over = False
         while lease is not None and lease.owner != owner:
-            assert self._follower is not None
+            assert self._follower is not None and self._leases is not None
             takeover = await self._follower.follow(fill, lease)
             if takeover is None:
-                if self._listener is not None:
-                    self._listener.fill_followed(origin)
+                assert fill.blob is not None
+                self._events.fill_followed(plan.origin)
+                await self._on_commit(fill, fill.blob, plan.origin, False)
                 return
             owner = self._store.temp_name()
-            lease = await self._leases.acquire(fill.key, owner, takeover.seen) if self._leases else None
+            lease = await self._leases.acquire(fill.key, owner, takeover.seen)
             took_over = takeover.seen is not None and lease is not None and lease.owner == owner
-        if took_over and self._listener is not None:
-            self._listener.fill_taken_over(origin)
-        await self._fetch(fill, opener, origin, expected_size, owner, leased=lease is not None)
+        if took_over:
+            self._events.fill_taken_over(plan.origin)
+        await self._fetch(fill, plan, owner, leased=lease is not None)
 
-    async def _fetch(
-        self, fill: Fill, opener: Opener, origin: Origin, expected_size: int | None, owner: str, *, leased: bool
-    ) -> None:
+    async def _fetch(self, fill: Fill, plan: FillPlan, owner: str, *, leased: bool) -> None:
         """Download into our own temp file (named `owner`), verify and commit."""
         leases = self._leases if leased else None
+        writer = fill.writer
         temp: TempBlob | None = None
         body: UpstreamBody | AsyncUpstreamBody | None = None
 
         async def sync() -> int | None:
-            if temp is None or fill._discarding:
+            if temp is None or writer.discarding:
                 return None
             written = temp.written  # appended before the sync starts, so durable once it returns
-            await anyio.to_thread.run_sync(os.fdatasync, temp.fd)
+            await self._pools.files(os.fdatasync, temp.fd)
             return written
 
         renewing = asyncio.create_task(leases.keep_renewed(fill.key, owner, sync)) if leases else None
@@ -146,104 +151,64 @@ class Filler:
                 await asyncio.gather(renewing, return_exceptions=True)
 
         try:
-            body = await opener()
-            size = body.size if body.size is not None else expected_size
-            if expected_size is not None and size != expected_size:
-                raise FillFailed(f"{fill.key}: upstream announced {size} bytes, expected {expected_size}")
-            temp = await anyio.to_thread.run_sync(lambda: self._store.new_temp(name=owner, hash_in_background=True))
-            fill._set_open(temp.fd, size)
-            fill.node = None
+            body = await plan.opener()
+            size = body.size if body.size is not None else plan.expected_size
+            if plan.expected_size is not None and size != plan.expected_size:
+                raise FillFailed(f"{fill.key}: upstream announced {size} bytes, expected {plan.expected_size}")
+            temp = await self._pools.files(self._store.new_temp, name=owner, hash_in_background=True)
+            writer.open(temp.fd, size)
             if leases is not None:
                 await leases.update(fill.key, owner, state=LeaseState.STREAMING, size=size)
-            if isinstance(body, AsyncUpstreamBody):
-                await self._copy_async(fill, body, temp)
-            else:
-                await self._copy(fill, body, temp)
-            if fill.digest is None:
-                fill.digest = Digest.from_hex(await anyio.to_thread.run_sync(temp.hexdigest))
-            await anyio.to_thread.run_sync(self._store.verify, temp, fill.digest, size)
-            if fill._earlier:
-                await anyio.to_thread.run_sync(fill._check_earlier, temp.fd)
-            fill._verified()  # readers may take the last byte now; fsync and rename need not hold them
-            blob = await anyio.to_thread.run_sync(self._store.commit, temp, fill.digest, size)
-            await self._on_commit(blob, origin)
+            await receive(writer, body, temp, self._pools, plan.check)
+            blob = await self._verify_and_commit(fill, plan, temp, size)
             if leases is not None:
                 await leases.update(fill.key, owner, state=LeaseState.COMMITTED, digest=str(blob.digest), size=blob.size)
-            fill._commit(blob)
             await stop_renewing()
             temp.close()
             seconds = time.monotonic() - fill.stats.started_at
-            if self._listener is not None:
-                self._listener.fill_finished(origin, blob.size, seconds, True)
+            self._events.fill_finished(plan.origin, blob.size, seconds, True)
             log.info(
-                "filled %s from %s (%d bytes in %.2fs, %d followers)", fill.key, origin.upstream, blob.size, seconds, fill.stats.followers
+                "filled %s from %s (%d bytes in %.2fs, %d followers)",
+                fill.key, plan.origin.upstream, blob.size, seconds, fill.stats.followers,
             )
         except BaseException as exc:
             if temp is not None:
-                fill._discarding = True
+                writer.start_discarding()
                 await stop_renewing()
-                await anyio.to_thread.run_sync(temp.discard)
-            fill._fail(exc)
+                await self._pools.files(temp.discard)
+            writer.fail(exc)
             if leases is not None:
                 if isinstance(exc, asyncio.CancelledError):
                     # Shutting down: free the key at once rather than make the fleet wait a lease.
                     await asyncio.shield(leases.release(fill.key, owner))
                 else:
                     await leases.update(fill.key, owner, state=LeaseState.FAILED)
-            if self._listener is not None and temp is not None:
-                self._listener.fill_finished(origin, temp.written, time.monotonic() - fill.stats.started_at, False)
+            if temp is not None:
+                self._events.fill_finished(plan.origin, temp.written, time.monotonic() - fill.stats.started_at, False)
             raise
         finally:
             await stop_renewing()
             if isinstance(body, AsyncUpstreamBody):
                 await body.aclose()
             elif body is not None:
-                await anyio.to_thread.run_sync(body.close)
+                await self._pools.files(body.close)
 
-    @staticmethod
-    async def _copy(fill: Fill, body: UpstreamBody, temp: TempBlob) -> None:
-        """Receive, hash and write in one worker thread; readers are told after each write."""
-        loop = asyncio.get_running_loop()
-        stop = threading.Event()
-
-        def copy() -> None:
-            told, told_at = 0, 0.0
-            while not stop.is_set():
-                data = body.read_some(READ_CHUNK)
-                if not data:
-                    return
-                temp.append(data)
-                # Wake the readers per MiB or every 50 ms, not per socket read: each wake-up costs
-                # every reader a round through the event loop and a send.
-                now = time.monotonic()
-                if temp.written - told >= NOTIFY_BYTES or now - told_at >= NOTIFY_SECONDS:
-                    told, told_at = temp.written, now
-                    loop.call_soon_threadsafe(fill._advance, told)
-            raise FillFailed(f"fill of {fill.key} was cancelled")
-
-        copying = loop.run_in_executor(_FILL_THREADS, copy)
-        try:
-            await asyncio.shield(copying)
-        except asyncio.CancelledError:
-            stop.set()
-            body.abort()
-            await asyncio.gather(copying, return_exceptions=True)
-            raise
-        fill._advance(temp.written)
-
-    @staticmethod
-    async def _copy_async(fill: Fill, body: AsyncUpstreamBody, temp: TempBlob) -> None:
-        """For upstreams read by an async client (aioboto3): 4 MiB batches written in a thread."""
-        batch = bytearray()
-        async for chunk in body.chunks():
-            batch += chunk
-            if len(batch) >= READ_CHUNK:
-                await anyio.to_thread.run_sync(temp.append, bytes(batch))
-                batch.clear()
-                fill._advance(temp.written)
-        if batch:
-            await anyio.to_thread.run_sync(temp.append, bytes(batch))
-        fill._advance(temp.written)
+    async def _verify_and_commit(self, fill: Fill, plan: FillPlan, temp: TempBlob, size: int | None) -> BlobFile:
+        writer = fill.writer
+        if fill.digest is None:
+            writer.set_digest(Digest.from_hex(await self._pools.files(temp.hexdigest)))
+        assert fill.digest is not None
+        await self._pools.files(self._store.verify, temp, fill.digest, size)
+        if plan.check is not None:
+            plan.check.verify(temp.written)
+        if writer.has_earlier:
+            await self._pools.files(writer.check_earlier, temp.fd)
+        writer.mark_verified()  # readers may take the last byte now; fsync and rename need not hold them
+        await self._on_verified(fill, fill.digest)
+        blob = await self._pools.files(self._store.commit, temp, fill.digest, size)
+        await self._on_commit(fill, blob, plan.origin, True)
+        writer.commit(blob)
+        return blob
 
     async def aclose(self) -> None:
         """Cancel fills still running (shutdown); their temp files are discarded."""
@@ -251,3 +216,14 @@ class Filler:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def confirm_by_opening(opener: Opener, pools: Pools) -> None:
+    """Ask the upstream for the bytes and hang up as soon as it says yes: its answer admits a scope
+    to a blob the store already holds, without a byte fetched twice. Raises the upstream's refusal."""
+    body = await opener()
+    if isinstance(body, AsyncUpstreamBody):
+        await body.aclose()
+        return
+    body.abort()  # the unread rest of the body must not go back to the connection pool
+    await pools.files(body.close)

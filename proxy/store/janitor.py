@@ -22,13 +22,15 @@ from dataclasses import dataclass, field
 
 from proxy.store.blobs import BlobStore
 from proxy.store.digest import Digest, InvalidDigest
-from proxy.store.index import Index, PurgeRecord
+from proxy.store.index import Index
+from proxy.store.records import PurgeRecord
 
 log = logging.getLogger(__name__)
 
 BATCH = 5000
 FINISHED_LEASE_SECONDS = 600.0  # followers read a committed lease's digest within a second
 STALE_SECONDS = 3600.0  # a live fill writes its temp file and renews its lease far more often
+UNBACKED_SCOPE_SECONDS = 86400.0  # a manifest listed layers a day ago that nobody pulled since
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -112,7 +114,7 @@ class Janitor:
         result = PurgeResult(dry_run=dry_run)
         if not dry_run:
             result.orphan_files, result.orphan_rows = self.sweep()
-            self._forget_old_fills(now)
+            self._forget_leftovers(now)
         chosen: dict[str, int] = dict(self._expired(now, older_than))
         if not dry_run:
             self._remove(list(chosen))  # before the size pass, which then need not skip them
@@ -122,7 +124,7 @@ class Janitor:
         chosen.update(evicted)
         result.removed = list(chosen.items())
         if not dry_run:
-            self.index.record_purge(
+            self.index.purges.record(
                 PurgeRecord(started, time.time(), reason, len(chosen), result.bytes_removed, result.orphan_files, result.orphan_rows)
             )
         log.info(
@@ -131,13 +133,15 @@ class Janitor:
         )
         return result
 
-    def _forget_old_fills(self, now: float) -> None:
-        """Drop lease rows of finished fills and temp files no process has written to for an hour:
-        what nodes that died and never came back under the same name left behind."""
-        leases = self.index.drop_old_fills(finished_before=now - FINISHED_LEASE_SECONDS, renewed_before=now - STALE_SECONDS)
+    def _forget_leftovers(self, now: float) -> None:
+        """Drop lease rows of finished fills and temp files no process has written to for an hour
+        (what nodes that died and never came back under the same name left behind), and read
+        scopes admitted to digests that never became a blob."""
+        leases = self.index.leases.drop_old(finished_before=now - FINISHED_LEASE_SECONDS, renewed_before=now - STALE_SECONDS)
         temps = self.store.sweep_stale_temps(STALE_SECONDS)
-        if leases or temps:
-            log.info("forgot %d finished fill leases and %d stale temp files", leases, temps)
+        scopes = self.index.blobs.drop_unbacked_scopes(created_before=now - UNBACKED_SCOPE_SECONDS)
+        if leases or temps or scopes:
+            log.info("forgot %d finished fill leases, %d stale temp files and %d unbacked read scopes", leases, temps, scopes)
 
     def _expired(self, now: float, older_than: float | None) -> list[tuple[str, int]]:
         if older_than is not None:
@@ -153,13 +157,13 @@ class Janitor:
         self, cutoff: float, source: str | None, upstream: str | None, exclude: list[tuple[str | None, str | None]]
     ) -> list[tuple[str, int]]:
         cutoff = min(cutoff, time.time() - self.policy.grace)
-        return self.index.unused_since(cutoff, source=source, upstream=upstream, exclude=exclude, limit=10**9)
+        return self.index.blobs.unused_since(cutoff, source=source, upstream=upstream, exclude=exclude, limit=10**9)
 
     def _over_capacity(self, now: float, to_size: int | None, chosen: dict[str, int]) -> list[tuple[str, int]]:
         cap = to_size if to_size is not None else self.policy.max_size
         if cap is None and self.policy.min_free is None:
             return []
-        total = sum(u.bytes for u in self.index.usage()) - sum(chosen.values())
+        total = sum(u.bytes for u in self.index.blobs.usage()) - sum(chosen.values())
         excess = total - cap if cap is not None else 0
         if self.policy.min_free is not None:
             free = shutil.disk_usage(self.store.root).free + sum(chosen.values())
@@ -167,7 +171,7 @@ class Janitor:
         taken: dict[str, int] = {}
         limit = len(chosen) + BATCH
         while excess > 0:
-            candidates = self.index.least_recently_used(accessed_before=now - self.policy.grace, limit=limit)
+            candidates = self.index.blobs.least_recently_used(accessed_before=now - self.policy.grace, limit=limit)
             for digest, size in candidates:
                 if excess <= 0:
                     break
@@ -182,7 +186,7 @@ class Janitor:
     def _remove(self, digests: list[str]) -> None:
         # Rows first: a crash in between leaves files without rows, which the sweep adopts or
         # the next purge removes; never a row that points at nothing for long.
-        self.index.remove_blobs(digests)
+        self.index.blobs.remove(digests)
         # One at a time: unlinks in parallel contend for the shard directories' locks (measured
         # 2.5x slower with four threads on a million files).
         root = str(self.store.blobs_dir / "sha256")
@@ -198,14 +202,14 @@ class Janitor:
     def sweep(self) -> tuple[int, int]:
         """Make the index and the files agree: (files adopted, rows dropped)."""
         on_disk = set(self._digests_on_disk())
-        indexed = self.index.all_digests()
+        indexed = self.index.blobs.all_digests()
         orphans = [d for d in on_disk if d not in indexed]
         for digest in orphans:
             size = self.store.path_for(Digest.parse(digest)).stat().st_size
-            self.index.add_blob(digest, size, source="unknown", upstream="unknown")
+            self.index.blobs.add(digest, size, source="unknown", upstream="unknown")
         dangling = [d for d in indexed if d not in on_disk]
         if dangling:
-            self.index.remove_blobs(dangling)
+            self.index.blobs.remove(dangling)
         return len(orphans), len(dangling)
 
     def _digests_on_disk(self) -> list[str]:

@@ -24,9 +24,9 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-import anyio
-
-from proxy.store.index import FillLease, Index
+from proxy.store.index import Index
+from proxy.store.pools import Pools
+from proxy.store.records import FillLease, LeaseState
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +34,6 @@ LEASE_POLL_SECONDS = 0.25  # how often a follower re-reads the lease row
 PUBLISH_SECONDS = 1.0  # how often an owner syncs its temp file and publishes how far it got
 # node.pid.random, as BlobStore names temp files: checked before any lease owner becomes a path.
 _OWNER = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,200}\.[0-9]+\.[0-9a-f]{16}")
-
-
-class LeaseState:
-    OPENING = "opening"
-    STREAMING = "streaming"
-    COMMITTED = "committed"
-    FAILED = "failed"
 
 
 def key_hash(key: str) -> str:
@@ -88,8 +81,9 @@ class Liveness:
 class FillLeases:
     """The async face of the lease rows. Every method swallows database errors into "unknown"."""
 
-    def __init__(self, index: Index, node: str, lease_seconds: float = 15.0) -> None:
-        self.index = index
+    def __init__(self, index: Index, pools: Pools, node: str, lease_seconds: float = 15.0) -> None:
+        self._rows = index.leases
+        self._pools = pools
         self.node = node
         self.lease_seconds = lease_seconds
 
@@ -100,32 +94,32 @@ class FillLeases:
         digest = key_hash(key)
         try:
             if seen is not None:
-                if await anyio.to_thread.run_sync(self.index.take_over_fill, seen, owner, self.node):
+                if await self._pools.index(self._rows.take_over, seen, owner, self.node):
                     log.info("took over the fill of %s from %s on %s", key, seen.owner, seen.node)
-                    return await anyio.to_thread.run_sync(self.index.get_fill, digest)
-                current = await anyio.to_thread.run_sync(self.index.get_fill, digest)
+                    return await self._pools.index(self._rows.get, digest)
+                current = await self._pools.index(self._rows.get, digest)
                 if current is not None:
                     return current
-            return await anyio.to_thread.run_sync(self.index.claim_fill, digest, key, owner, self.node)
+            return await self._pools.index(self._rows.claim, digest, key, owner, self.node)
         except Exception as exc:  # noqa: BLE001 - see the module's docstring
             log.warning("fill lease for %s unavailable, fetching without coordination: %s", key, exc)
             return None
 
     async def get(self, key: str) -> FillLease | None:
         """The lease row; raises when the index cannot be read (the caller decides what that means)."""
-        return await anyio.to_thread.run_sync(self.index.get_fill, key_hash(key))
+        return await self._pools.index(self._rows.get, key_hash(key))
 
     async def update(self, key: str, owner: str, **values: object) -> bool:
         """Renew (and change) our lease; False if it was lost or the index is unreachable."""
         try:
-            return await anyio.to_thread.run_sync(lambda: self.index.update_fill(key_hash(key), owner, **values))
+            return await self._pools.index(self._rows.update, key_hash(key), owner, **values)
         except Exception as exc:  # noqa: BLE001
             log.warning("could not renew the fill lease of %s: %s", key, exc)
             return False
 
     async def release(self, key: str, owner: str) -> None:
         try:
-            await anyio.to_thread.run_sync(self.index.release_fill, key_hash(key), owner)
+            await self._pools.index(self._rows.release, key_hash(key), owner)
         except Exception as exc:  # noqa: BLE001
             log.warning("could not release the fill lease of %s: %s", key, exc)
 

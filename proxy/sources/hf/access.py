@@ -3,87 +3,85 @@ but its files only for callers the Hub accepts; a private repo only for callers 
 
 A repo's visibility (public, gated or private) is learned from its metadata and kept in the
 index, so that a restart without the Hub still serves public repos. Where a caller must be
-accepted, its own token is checked with the Hub's auth-check, remembered per (token hash, repo)
-for `access_ttl`; when the check cannot be made, access is refused.
+accepted, its own token is checked with the Hub's auth-check, and the answer kept in memory per
+(token hash, repo) for `access_ttl`. Both go through the store's revalidation policy; when the
+Hub cannot be asked, a caller's access is refused (and that refusal is not remembered).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import time
 
 from proxy.config import HfConfig
 from proxy.sources.hf.errors import HfError, HubUnavailable, UpstreamHfError
 from proxy.sources.hf.names import Repo
 from proxy.sources.hf.upstream import HubClient
-from proxy.store.cache import BlobCache
-from proxy.store.index import Reference
+from proxy.store.freshness import Found, Freshness
+from proxy.store.references import MemoryReferences
+from proxy.store.store import Store
 
 log = logging.getLogger(__name__)
 
-SOURCE = "hf-repo"
+VISIBILITY = "hf-repo"
+DECISIONS = "hf-access"
 PUBLIC, GATED, PRIVATE = "public", "gated", "private"
 
 
 class AccessGuard:
-    def __init__(self, config: HfConfig, client: HubClient, cache: BlobCache) -> None:
+    def __init__(self, config: HfConfig, client: HubClient, store: Store) -> None:
         self._config = config
         self._client = client
-        self._cache = cache
-        self._decisions: dict[tuple[str, str], tuple[float, HfError | None]] = {}
+        self._store = store
+        # Decisions are bound to a caller's token: memory only, never the index.
+        self._decisions = Freshness(MemoryReferences(max_items=10_000))
 
     async def check(self, repo: Repo, token: str | None, *, files: bool) -> None:
         """Return if the caller may read the repo's files (or only its metadata); raise the Hub's refusal otherwise."""
         visibility = await self.visibility(repo)
         if visibility == PUBLIC or (visibility == GATED and not files):
             return
-        key = (_token_hash(token), repo.key)
-        now = time.monotonic()
-        decided = self._decisions.get(key)
-        if decided is None or decided[0] <= now:
-            decided = (now + self._config.access_ttl, await self._ask_hub(repo, token))
-            self._decisions[key] = decided
-            self._forget_expired(now)
-        if decided[1] is not None:
-            raise decided[1]
+        try:
+            resolved = await self._decisions.resolve(
+                DECISIONS, f"{_token_hash(token)}:{repo.key}", ttl=self._config.access_ttl,
+                revalidate=lambda _previous: self._ask_hub(repo, token), stale=False,
+            )
+        except HubUnavailable:
+            log.warning("cannot check access to %s: the Hub is unreachable; refusing", repo.key)
+            raise HfError(503, f"cannot verify access to {repo.id} while the Hub is unreachable") from None
+        refusal = resolved.ref.meta.get("refusal")
+        if refusal is not None:
+            # A new exception each time: one kept in a cache and raised again grows its traceback.
+            raise UpstreamHfError(int(refusal["status"]), dict(refusal["headers"]), str(refusal["body"]).encode())
 
     async def visibility(self, repo: Repo) -> str:
-        ref = await self._cache.get_reference(SOURCE, repo.key)
-        if ref is not None and ref.is_fresh():
-            return str(ref.meta.get("visibility", PRIVATE))
+        """The last known visibility; PRIVATE (fail closed) when the Hub was never asked and cannot be."""
         try:
-            response = await self._client.api("GET", f"/api/{repo.api_kind}/{repo.id}", token=self._config.service_token())
+            resolved = await self._store.freshness.resolve(
+                VISIBILITY, repo.key, ttl=self._config.revision_ttl, revalidate=lambda _previous: self._ask_visibility(repo)
+            )
         except HubUnavailable:
-            # Last known while the Hub is away; unknown counts as private, which fails closed.
-            return str(ref.meta.get("visibility", PRIVATE)) if ref is not None else PRIVATE
+            return PRIVATE
+        return str(resolved.ref.meta.get("visibility", PRIVATE))
+
+    async def _ask_visibility(self, repo: Repo) -> Found:
+        response = await self._client.api("GET", f"/api/{repo.api_kind}/{repo.id}", token=self._config.service_token())
         visibility = PRIVATE
         if response.status_code == 200:
             try:
                 info = response.json()
-                if info.get("private") is False:
+                if isinstance(info, dict) and info.get("private") is False:
                     visibility = GATED if info.get("gated") else PUBLIC
             except ValueError:
                 pass
-        now = time.time()
-        await self._cache.put_reference(
-            Reference(SOURCE, repo.key, digest="", fetched_at=now, expires_at=now + self._config.revision_ttl, meta={"visibility": visibility})
-        )
-        return visibility
+        return Found("", meta={"visibility": visibility})
 
-    async def _ask_hub(self, repo: Repo, token: str | None) -> HfError | None:
-        try:
-            response = await self._client.api("GET", f"/api/{repo.api_kind}/{repo.id}/auth-check", token=token)
-        except HubUnavailable:
-            log.warning("cannot check access to %s: the Hub is unreachable; refusing", repo.key)
-            return HfError(503, f"cannot verify access to {repo.id} while the Hub is unreachable")
+    async def _ask_hub(self, repo: Repo, token: str | None) -> Found:
+        response = await self._client.api("GET", f"/api/{repo.api_kind}/{repo.id}/auth-check", token=token)
         if response.is_success:
-            return None
-        return UpstreamHfError.from_response(response)
-
-    def _forget_expired(self, now: float) -> None:
-        if len(self._decisions) > 10_000:
-            self._decisions = {k: v for k, v in self._decisions.items() if v[0] > now}
+            return Found("")
+        error = UpstreamHfError.from_response(response)
+        return Found("", meta={"refusal": {"status": error.status, "headers": error.replay_headers, "body": error.body.decode("utf-8", "replace")}})
 
 
 def _token_hash(token: str | None) -> str:

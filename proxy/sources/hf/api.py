@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import re
-import time
 from typing import Any
 
 from starlette.requests import Request
@@ -20,14 +19,12 @@ from starlette.responses import Response
 
 from proxy.config import HfConfig
 from proxy.sources.hf.access import AccessGuard
-from proxy.sources.hf.errors import HubUnavailable, UpstreamHfError
-from proxy.sources.hf.files import FOREVER, REVISIONS, hub_origin
+from proxy.sources.hf.errors import UpstreamHfError, translate
+from proxy.sources.hf.files import FileService, hub_origin
 from proxy.sources.hf.names import Repo, is_commit, quote_path, quote_revision
 from proxy.sources.hf.upstream import HubClient
-from proxy.stats import Traffic
-from proxy.store.cache import BlobCache
-from proxy.store.digest import Digest
-from proxy.store.index import Reference
+from proxy.store.records import ReadScope
+from proxy.store.store import Document, Store
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +60,12 @@ def absolute_links(header: str, base_url: str) -> str:
 
 
 class ApiService:
-    def __init__(self, config: HfConfig, client: HubClient, cache: BlobCache, access: AccessGuard, traffic: Traffic) -> None:
+    def __init__(self, config: HfConfig, client: HubClient, store: Store, access: AccessGuard, files: FileService) -> None:
         self._config = config
         self._client = client
-        self._cache = cache
+        self._store = store
         self._access = access
-        self._traffic = traffic
+        self._files = files
         self._origin = hub_origin(config)
 
     async def auth_check(self, repo: Repo, token: str | None) -> Response:
@@ -83,13 +80,8 @@ class ApiService:
         body = await request.body() if request.method == "POST" else b""
         key = _cache_key(request.method, path, request.query_params.multi_items(), body)
         immutable = revision is not None and is_commit(revision)
-        ref = await self._cache.get_reference(SOURCE, key)
-        if ref is not None and (immutable or ref.is_fresh()):
-            cached = await self._cached(ref, request)
-            if cached is not None:
-                self._traffic.hit(self._origin, len(cached.body), repo.key)
-                return cached
-        try:
+
+        async def fetch() -> Document:
             response = await self._client.api(
                 request.method,
                 path,
@@ -98,39 +90,21 @@ class ApiService:
                 content=body or None,
                 content_type=request.headers.get("content-type") if body else None,
             )
-        except HubUnavailable:
-            stale = await self._cached(ref, request) if ref is not None else None
-            if stale is None:
-                raise
-            log.warning("the Hub is unreachable: serving %s from the cache", path)
-            self._traffic.hit(self._origin, len(stale.body), repo.key)
-            return stale
-        if response.status_code != 200:
-            raise UpstreamHfError.from_response(response)
-        data, content_type = response.content, response.headers.get("content-type", "application/json")
-        if content_type.startswith("application/json"):
-            parsed = strip_xet(json.loads(data))
-            data = json.dumps(parsed, separators=(",", ":")).encode()
-            await self._note_commit(repo, revision, parsed)
-        link = mirror_links(response.headers.get("link", ""), self._client.base_url)
-        digest = Digest.from_hex(hashlib.sha256(data).hexdigest())
-        self._traffic.miss(self._origin, repo.key)
-        self._traffic.fetched(self._origin, len(response.content))
-        await self._cache.put_small(data, digest, content_type, self._origin)
-        now = time.time()
-        await self._cache.put_reference(
-            Reference(
-                SOURCE, key, str(digest), now, FOREVER if immutable else now + self._config.revision_ttl,
-                meta={"content_type": content_type, "link": link},
-            )
-        )
-        return _json_response(data, content_type, link, request)
+            if response.status_code != 200:
+                raise UpstreamHfError.from_response(response)
+            data, content_type = response.content, response.headers.get("content-type", "application/json")
+            if content_type.startswith("application/json"):
+                parsed = strip_xet(json.loads(data))
+                data = json.dumps(parsed, separators=(",", ":")).encode()
+                await self._note_commit(repo, revision, parsed)
+            link = mirror_links(response.headers.get("link", ""), self._client.base_url)
+            return Document(data, content_type, {"link": link})
 
-    async def _cached(self, ref: Reference, request: Request) -> Response | None:
-        item = await self._cache.get_small(Digest.parse(ref.digest))
-        if item is None:
-            return None
-        return _json_response(item.data, str(ref.meta.get("content_type") or "application/json"), str(ref.meta.get("link") or ""), request)
+        item, ref = await self._store.document(
+            ReadScope.hf(repo.key), self._origin, (SOURCE, key), ttl=None if immutable else self._config.revision_ttl,
+            fetch=fetch, method=request.method, translate=translate,
+        )
+        return _json_response(item.data, item.media_type or "application/json", str(ref.meta.get("link") or ""), request)
 
     async def _note_commit(self, repo: Repo, revision: str | None, parsed: Any) -> None:
         """Repo info names the commit of a branch: remember it for resolve too."""
@@ -138,8 +112,7 @@ class ApiService:
             return
         sha = parsed.get("sha")
         if isinstance(sha, str) and is_commit(sha):
-            now = time.time()
-            await self._cache.put_reference(Reference(REVISIONS, f"{repo.key}@{revision}", sha, now, now + self._config.revision_ttl))
+            await self._files.remember_revision(repo, revision, sha)
 
 
 def repo_info_path(repo: Repo, revision: str | None) -> str:

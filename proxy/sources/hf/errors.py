@@ -11,6 +11,9 @@ from collections.abc import Mapping
 import httpx
 from starlette.responses import JSONResponse, Response
 
+from proxy.http.ranges import RangeNotSatisfiable
+from proxy.store.freshness import UpstreamUnreachable
+
 PASSED_THROUGH = ("x-error-code", "x-error-message", "x-repo-commit", "www-authenticate", "content-type")
 
 
@@ -54,7 +57,7 @@ class UpstreamHfError(HfError):
         return Response(self.body, status_code=self.status, headers=self.replay_headers)
 
 
-class HubUnavailable(HfError):
+class HubUnavailable(HfError, UpstreamUnreachable):
     """The Hub could not be reached or answered 5xx, and nothing cached can answer instead."""
 
     def __init__(self, message: str) -> None:
@@ -69,3 +72,12 @@ class BadRequest(HfError):
 class NotFound(HfError):
     def __init__(self, message: str = "not found") -> None:
         super().__init__(404, message)
+
+
+def translate(exc: BaseException) -> HfError:
+    """Any failure the store surfaces, as the Hub would word it."""
+    if isinstance(exc, HfError):
+        return exc
+    if isinstance(exc, RangeNotSatisfiable):
+        return HfError(416, "requested range not satisfiable", headers={"Content-Range": f"bytes */{exc.size}"})
+    return HubUnavailable(f"fetching failed: {exc}")

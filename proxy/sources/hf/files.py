@@ -2,8 +2,10 @@
 
 A revision is resolved to a commit through a reference trusted for `revision_ttl` (stale while
 the Hub is away); a file at a commit never changes, so its metadata and bytes are kept until
-purged. LFS and Xet files are stored by their sha256 (the same store as OCI blobs) and stream to
-the caller while they fill; regular files are verified by their git blob sha1. The caller always
+purged. Every file streams to the caller while it fills: LFS and Xet files are stored by their
+sha256 (the same store as OCI blobs), regular files are verified by their git blob sha1 as they
+arrive and then known by the sha256 they hashed to. Bytes are read under the repo's scope, after
+the caller's access check. The caller always
 gets a 200 from pullthrough, never a redirect to the Hub or its CDN, and no Xet headers.
 """
 
@@ -21,25 +23,22 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from proxy.config import HfConfig
-from proxy.http.ranges import RangeNotSatisfiable
-from proxy.http.responses import FileSource, blob_response
 from proxy.singleflight import SingleFlight
 from proxy.sources.hf.access import AccessGuard
-from proxy.sources.hf.errors import HfError, HubUnavailable, UpstreamHfError
+from proxy.sources.hf.errors import HfError, HubUnavailable, UpstreamHfError, translate
 from proxy.sources.hf.names import Repo, is_commit
 from proxy.sources.hf.upstream import HubClient
-from proxy.stats import Traffic
-from proxy.store.cache import BlobCache
+from proxy.store.blobs import BlobFile, DigestMismatch
 from proxy.store.digest import Digest
-from proxy.store.fill import Origin
-from proxy.store.index import Reference
+from proxy.store.freshness import FOREVER, Found
+from proxy.store.records import Origin, ReadScope, Reference
+from proxy.store.requests import BlobRequest
+from proxy.store.store import Store
 
 log = logging.getLogger(__name__)
 
 REVISIONS = "hf-rev"
 FILES = "hf-file"
-FOREVER = float(2**62)
-MAX_SMALL_FILE = 64 * 1024 * 1024
 _HEX40 = re.compile(r"^[0-9a-f]{40}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -89,15 +88,30 @@ def normalize_etag(value: str | None) -> str:
     return value.removeprefix("W/").strip('"')
 
 
+class GitBlobCheck:
+    """A regular file's git blob id, computed as its bytes arrive (the Hub names them by it)."""
+
+    def __init__(self, expected: str, size: int) -> None:
+        self._expected = expected
+        self._size = size
+        self._hash = hashlib.sha1(usedforsecurity=False)
+        self._hash.update(b"blob %d\0" % size)
+
+    def update(self, data: bytes) -> None:
+        self._hash.update(data)
+
+    def verify(self, size: int) -> None:
+        if size != self._size or self._hash.hexdigest() != self._expected:
+            raise DigestMismatch(f"the Hub sent bytes that do not match git blob {self._expected}")
+
+
 class FileService:
-    def __init__(self, config: HfConfig, client: HubClient, cache: BlobCache, access: AccessGuard, traffic: Traffic) -> None:
+    def __init__(self, config: HfConfig, client: HubClient, store: Store, access: AccessGuard) -> None:
         self._config = config
         self._client = client
-        self._cache = cache
+        self._store = store
         self._access = access
-        self._traffic = traffic
         self._origin = hub_origin(config)
-        self._small_fetches: SingleFlight[FileMeta] = SingleFlight()
         self._heads: SingleFlight[tuple[str, FileMeta]] = SingleFlight()
 
     async def resolve(self, repo: Repo, revision: str, path: str, request: Request, token: str | None) -> Response:
@@ -107,67 +121,83 @@ class FileService:
         if meta.missing:
             raise HfError(404, meta.error_body or f"{path} does not exist at {commit}", code="EntryNotFound", headers=headers)
         headers.update(_file_headers(meta))
-        if request.method == "HEAD":
-            return blob_response(None, meta.size, method="HEAD", range_header=None, headers=headers, media_type=meta.content_type)
-        if not meta.lfs:
-            meta, fetched = await self._ensure_small(repo, commit, path, meta, token)
-            if fetched:
-                self._traffic.miss(self._origin, repo.key)
-            else:
-                self._traffic.hit(self._origin, meta.size, repo.key)
-        return await self._serve_bytes(repo, commit, path, meta, request, token, headers)
+        return await self._store.serve(
+            self._request(repo, commit, path, meta, token),
+            method=request.method, range_header=request.headers.get("range"), headers=headers, media_type=meta.content_type,
+        )
 
     async def fetch(self, repo: Repo, revision: str, path: str, token: str | None) -> tuple[str, int]:
         """Make sure the file is in the cache (prefetch); its digest and size."""
         commit, meta = await self._locate(repo, revision, path, token)
         if meta.missing:
             raise HfError(404, f"{path} does not exist at {commit}", code="EntryNotFound")
-        if not meta.lfs:
-            meta, _ = await self._ensure_small(repo, commit, path, meta, token)
-        assert meta.sha256 is not None
-        digest = Digest.from_hex(meta.sha256)
-        if await self._cache.lookup(digest) is None:
-            fill, _ = self._cache.fill(
-                digest, lambda: self._client.open_file(repo, commit, path, token), origin=self._origin, expected_size=meta.size
-            )
-            if await fill.finished() is None:
-                raise HubUnavailable(f"fetching {path} failed: {fill.error}")
-        return str(digest), meta.size
+        blob = await self._store.fetch(self._request(repo, commit, path, meta, token))
+        return str(blob.digest), blob.size
+
+    def _request(self, repo: Repo, commit: str, path: str, meta: FileMeta, token: str | None) -> BlobRequest:
+        """LFS and Xet files by their sha256; a regular file by its git blob id, and by the sha256 its
+        bytes hashed to once they were fetched."""
+
+        async def confirm() -> int:
+            return meta.size  # the Hub's metadata for this repo names the file, for a caller it accepts
+
+        async def remember_sha256(blob: BlobFile) -> None:
+            known = FileMeta(meta.etag, meta.size, False, blob.digest.hex, meta.content_type, hub_etag=meta.hub_etag)
+            await self._remember_file(repo, commit, path, known)
+
+        regular = not meta.lfs
+        return BlobRequest(
+            scope=ReadScope.hf(repo.key),
+            origin=self._origin,
+            opener=lambda: self._client.open_file(repo, commit, path, token),
+            translate=translate,
+            digest=Digest.from_hex(meta.sha256) if meta.sha256 else None,
+            name=f"{FILES}:{_file_key(repo, commit, path)}" if meta.sha256 is None else None,
+            size=meta.size,
+            confirm=confirm,
+            check=GitBlobCheck(meta.etag, meta.size) if regular and _HEX40.match(meta.etag) else None,
+            after_commit=remember_sha256 if regular and meta.sha256 is None else None,
+        )
 
     # -- revision and metadata ----------------------------------------------------------------
     async def _locate(self, repo: Repo, revision: str, path: str, token: str | None) -> tuple[str, FileMeta]:
-        """The commit the revision names and the file's metadata there."""
-        commit = revision if is_commit(revision) else None
-        stale_commit = None
-        if commit is None:
-            ref = await self._cache.get_reference(REVISIONS, f"{repo.key}@{revision}")
-            if ref is not None and ref.is_fresh():
-                commit = ref.digest
-            elif ref is not None:
-                stale_commit = ref.digest
-        if commit is not None:
-            known = await self._cache.get_reference(FILES, _file_key(repo, commit, path))
-            if known is not None:
-                return commit, FileMeta.from_meta(dict(known.meta))
-        try:
-            return await self._heads.run(
-                (repo.key, revision, path, token or ""), lambda: self._head(repo, commit or revision, path, token)
-            )
-        except HubUnavailable:
-            if stale_commit is None:
-                raise
-            known = await self._cache.get_reference(FILES, _file_key(repo, stale_commit, path))
-            if known is None:
-                raise
-            log.warning("the Hub is unreachable: serving %s@%s at its last known commit %s", repo.key, revision, stale_commit)
-            return stale_commit, FileMeta.from_meta(dict(known.meta))
+        """The commit the revision names (trusted for `revision_ttl`, stale while the Hub is away)
+        and the file's metadata there (immutable)."""
+        if is_commit(revision):
+            return revision, await self._file_meta(repo, revision, path, token)
+        heads: list[FileMeta] = []
+
+        async def revalidate(_previous: Reference | None) -> Found:
+            commit, meta = await self._head_once(repo, revision, path, token)
+            heads.append(meta)
+            return Found(commit)
+
+        resolved = await self._store.freshness.resolve(
+            REVISIONS, f"{repo.key}@{revision}", ttl=self._config.revision_ttl, revalidate=revalidate
+        )
+        commit = resolved.ref.digest
+        if resolved.stale:
+            log.warning("the Hub is unreachable: serving %s@%s at its last known commit %s", repo.key, revision, commit)
+        return commit, heads[0] if heads else await self._file_meta(repo, commit, path, token)
+
+    async def _file_meta(self, repo: Repo, commit: str, path: str, token: str | None) -> FileMeta:
+        known = await self._store.refs.get(FILES, _file_key(repo, commit, path))
+        if known is not None:
+            return FileMeta.from_meta(dict(known.meta))
+        _, meta = await self._head_once(repo, commit, path, token)
+        return meta
+
+    async def _head_once(self, repo: Repo, revision: str, path: str, token: str | None) -> tuple[str, FileMeta]:
+        """One HEAD for concurrent callers with the same token (answers differ by token)."""
+        key = (repo.key, revision, path, hashlib.sha256((token or "").encode()).hexdigest())
+        return await self._heads.run(key, lambda: self._head(repo, revision, path, token))
 
     async def _head(self, repo: Repo, revision: str, path: str, token: str | None) -> tuple[str, FileMeta]:
         try:
             response = await self._client.head_file(repo, revision, path, token)
         except UpstreamHfError as error:
             commit = error.replay_headers.get("x-repo-commit")
-            if error.status == 404 and error.code == "EntryNotFound" and commit:
+            if error.status == 404 and error.code == "EntryNotFound" and commit and is_commit(commit):
                 await self.remember_revision(repo, revision, commit)
                 meta = FileMeta("", 0, False, None, "", missing=True, error_body=error.message)
                 await self._remember_file(repo, commit, path, meta)
@@ -184,71 +214,13 @@ class FileService:
         if is_commit(revision):
             return
         now = time.time()
-        await self._cache.put_reference(
-            Reference(REVISIONS, f"{repo.key}@{revision}", commit, now, now + self._config.revision_ttl)
-        )
+        await self._store.refs.put(Reference(REVISIONS, f"{repo.key}@{revision}", commit, now, now + self._config.revision_ttl))
 
     async def _remember_file(self, repo: Repo, commit: str, path: str, meta: FileMeta) -> None:
         now = time.time()
-        await self._cache.put_reference(
+        await self._store.refs.put(
             Reference(FILES, _file_key(repo, commit, path), meta.sha256 or "", now, FOREVER, meta=meta.as_meta())
         )
-
-    # -- bytes ----------------------------------------------------------------------------------
-    async def _ensure_small(
-        self, repo: Repo, commit: str, path: str, meta: FileMeta, token: str | None
-    ) -> tuple[FileMeta, bool]:
-        """A regular file in the store, verified by its git blob sha1; its metadata now names it.
-        Also whether it had to be fetched."""
-        if meta.sha256 and await self._cache.lookup(Digest.from_hex(meta.sha256)) is not None:
-            return meta, False
-        fetched = await self._small_fetches.run(
-            _file_key(repo, commit, path), lambda: self._fetch_small(repo, commit, path, meta, token)
-        )
-        return fetched, True
-
-    async def _fetch_small(self, repo: Repo, commit: str, path: str, meta: FileMeta, token: str | None) -> FileMeta:
-        response = await self._client.get_small_file(repo, commit, path, token)
-        data = response.content
-        if len(data) > MAX_SMALL_FILE:
-            raise HubUnavailable(f"{path} is larger than a regular file may be")
-        if _HEX40.match(meta.etag) and git_blob_sha1(data) != meta.etag:
-            log.warning("the Hub sent bytes for %s@%s:%s that do not match git blob %s", repo.key, commit, path, meta.etag)
-            raise HfError(502, f"the Hub sent bytes for {path} that do not match its ETag")
-        if len(data) != meta.size:
-            raise HfError(502, f"the Hub sent {len(data)} bytes for {path}, announced {meta.size}")
-        digest = Digest.from_hex(hashlib.sha256(data).hexdigest())
-        self._traffic.fetched(self._origin, len(data))
-        await self._cache.put_small(data, digest, meta.content_type, self._origin)
-        known = FileMeta(meta.etag, meta.size, False, digest.hex, meta.content_type, hub_etag=meta.hub_etag)
-        await self._remember_file(repo, commit, path, known)
-        return known
-
-    async def _serve_bytes(
-        self, repo: Repo, commit: str, path: str, meta: FileMeta, request: Request, token: str | None, headers: dict[str, str]
-    ) -> Response:
-        assert meta.sha256 is not None
-        digest = Digest.from_hex(meta.sha256)
-        range_header = request.headers.get("range")
-        try:
-            blob = await self._cache.lookup(digest)
-            if blob is not None:
-                if meta.lfs:
-                    self._traffic.hit(self._origin, blob.size, repo.key)
-                return blob_response(FileSource(blob, self._cache.in_use), blob.size, method="GET", range_header=range_header, headers=headers, media_type=meta.content_type)
-            fill, joined = self._cache.fill(
-                digest, lambda: self._client.open_file(repo, commit, path, token), origin=self._origin, expected_size=meta.size
-            )
-            self._traffic.miss(self._origin, repo.key, joined=joined)
-            try:
-                await fill.opened()
-            except HfError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - worded for the client, logged by the filler
-                raise HubUnavailable(f"fetching {path} failed: {exc}") from None
-            return blob_response(fill, meta.size, method="GET", range_header=range_header, headers=headers, media_type=meta.content_type)
-        except RangeNotSatisfiable as exc:
-            raise HfError(416, "requested range not satisfiable", headers={"Content-Range": f"bytes */{exc.size}"}) from None
 
 
 def hub_origin(config: HfConfig) -> Origin:

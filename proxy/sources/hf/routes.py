@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from urllib.parse import urlsplit
 
 import httpx
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from proxy.config import HfConfig
+from proxy.config import Settings
+from proxy.resources import Fetched, FetchedFile, Resource, ResourceKind
 from proxy.http.download import BlobTransport
 from proxy.sources.hf.access import AccessGuard
 from proxy.sources.hf.api import ApiService, repo_info_path, tree_path
@@ -20,9 +22,9 @@ from proxy.sources.hf.errors import HfError, HubUnavailable, NotFound, UpstreamH
 from proxy.sources.hf.files import FileService
 from proxy.sources.hf.names import REPO_TYPES, Repo, parse_file_path, parse_repo, parse_revision, quote_revision, raw_segments
 from proxy.sources.hf.upstream import HubClient
-from proxy.stats import Traffic
-from proxy.store.cache import BlobCache
-from proxy.store.index import Reference
+from proxy.store.janitor import TtlRule
+from proxy.store.records import Reference
+from proxy.store.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -31,15 +33,29 @@ SNAPSHOTS = "hf-snapshot"  # a repo's file list at a revision, as the last prefe
 
 
 class HfMirror:
-    def __init__(
-        self, config: HfConfig, cache: BlobCache, http: httpx.AsyncClient, blobs: BlobTransport, traffic: Traffic
-    ) -> None:
+    name = "hf"
+    resource_kinds: tuple[ResourceKind, ...] = ("hf",)
+
+    def __init__(self, settings: Settings, store: Store, http: httpx.AsyncClient, blobs: BlobTransport) -> None:
+        config = settings.hf
         self.config = config
-        self._cache = cache
+        self._store = store
         self.client = HubClient(config, http, blobs)
-        self.access = AccessGuard(config, self.client, cache)
-        self.files = FileService(config, self.client, cache, self.access, traffic)
-        self.api = ApiService(config, self.client, cache, self.access, traffic)
+        self.access = AccessGuard(config, self.client, store)
+        self.files = FileService(config, self.client, store, self.access)
+        self.api = ApiService(config, self.client, store, self.access, self.files)
+
+    @staticmethod
+    def purge_rules(settings: Settings) -> list[TtlRule]:
+        return [TtlRule("hf", urlsplit(settings.hf.url).netloc, settings.hf.ttl)] if settings.hf.ttl is not None else []
+
+    async def aclose(self) -> None:
+        pass
+
+    async def prefetch(self, resource: Resource, platforms: Sequence[str]) -> Fetched:
+        repo = parse_repo(resource.repo_type, resource.repo_id.split("/"))
+        files = await self.prefetch_repo(repo, resource.revision)
+        return Fetched(resource, [FetchedFile(path, digest, size) for path, digest, size in files])
 
     async def prefetch_repo(self, repo: Repo, revision: str) -> list[tuple[str, str, int]]:
         """Every file of the repo at the revision into the cache; (path, digest, size) of each.
@@ -51,7 +67,7 @@ class HfMirror:
             await self.access.visibility(repo)  # remembered, so that offline callers of a public repo are served
             response = await self.client.api("GET", repo_info_path(repo, revision), token=token)
         except HubUnavailable:
-            snapshot = await self._cache.get_reference(SNAPSHOTS, f"{repo.key}@{revision}")
+            snapshot = await self._store.refs.get(SNAPSHOTS, f"{repo.key}@{revision}")
             if snapshot is None:
                 raise
             commit, files = str(snapshot.meta["commit"]), list(snapshot.meta["files"])
@@ -63,7 +79,7 @@ class HfMirror:
             files = [s["rfilename"] for s in info.get("siblings", []) if isinstance(s, dict) and s.get("rfilename")]
             await self.files.remember_revision(repo, revision, commit)
             now = time.time()
-            await self._cache.put_reference(
+            await self._store.refs.put(
                 Reference(SNAPSHOTS, f"{repo.key}@{revision}", commit, now, now, meta={"commit": commit, "files": files})
             )
         return [(path, *await self.files.fetch(repo, commit, path, token)) for path in files]

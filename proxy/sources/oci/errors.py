@@ -6,6 +6,10 @@ from collections.abc import Mapping
 
 from starlette.responses import JSONResponse
 
+from proxy.http.ranges import RangeNotSatisfiable
+from proxy.store.blobs import DigestMismatch
+from proxy.store.freshness import UpstreamUnreachable
+
 API_VERSION_HEADER = {"Docker-Distribution-API-Version": "registry/2.0"}
 
 
@@ -72,11 +76,11 @@ class RangeInvalid(OciError):
     status, code = 416, "RANGE_INVALID"
 
 
-class TooManyRequests(OciError):
+class TooManyRequests(OciError, UpstreamUnreachable):
     status, code = 429, "TOOMANYREQUESTS"
 
 
-class UpstreamUnavailable(OciError):
+class UpstreamUnavailable(OciError, UpstreamUnreachable):
     """The upstream could not be reached, timed out, or answered 5xx; nothing cached to fall back on."""
 
     status, code = 503, "UNAVAILABLE"
@@ -95,3 +99,14 @@ BY_CODE: dict[str, type[OciError]] = {
     cls.code: cls
     for cls in (NameInvalid, DigestInvalid, NameUnknown, ManifestUnknown, BlobUnknown, Unauthorized, Denied, TooManyRequests)
 }
+
+
+def translate(exc: BaseException) -> OciError:
+    """Any failure the store surfaces, as the OCI error a client gets."""
+    if isinstance(exc, OciError):
+        return exc
+    if isinstance(exc, RangeNotSatisfiable):
+        return RangeInvalid(str(exc), headers={"Content-Range": f"bytes */{exc.size}"})
+    if isinstance(exc, DigestMismatch):
+        return ManifestInvalid(str(exc))
+    return UpstreamUnavailable(f"fetching failed: {exc}")

@@ -10,19 +10,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
 
 import httpx
 
-from proxy.sources.oci.errors import ManifestInvalid, TooManyRequests, UpstreamUnavailable
+from proxy.sources.oci.errors import ManifestInvalid, translate
 from proxy.sources.oci.names import Target
-from proxy.singleflight import SingleFlight
 from proxy.sources.oci.upstream import RegistryClient
-from proxy.stats import Traffic
-from proxy.store.cache import BlobCache, SmallObject
-from proxy.store.fill import Origin
 from proxy.store.digest import Digest, InvalidDigest, UnsupportedDigest
-from proxy.store.index import Reference
+from proxy.store.freshness import Found
+from proxy.store.memo import Lru, SmallObject
+from proxy.store.records import Origin, ReadScope
+from proxy.store.requests import SmallRequest
+from proxy.store.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +34,6 @@ DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 ALL_MANIFEST_TYPES = [OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST]
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 SOURCE = "oci"
-Answer = tuple[SmallObject, bool]  # the manifest, and whether it had to be fetched from upstream
 
 
 def parse_accept(values: list[str]) -> list[str]:
@@ -74,103 +72,112 @@ def declared_media_type(data: bytes) -> str | None:
 class ManifestService:
     """Answers manifest requests for every configured registry."""
 
-    def __init__(self, cache: BlobCache, clients: dict[str, RegistryClient], traffic: Traffic) -> None:
-        self._cache = cache
+    def __init__(self, store: Store, clients: dict[str, RegistryClient]) -> None:
+        self._store = store
         self._clients = clients
-        self._traffic = traffic
-        # Concurrent cold pulls of one tag or digest cost one upstream round, not one per client.
-        self._flights: SingleFlight[Answer] = SingleFlight()
+        self._linked: Lru[tuple[ReadScope, Digest], bool] = Lru(100_000)
 
-    async def get(self, target: Target, accept: list[str]) -> SmallObject:
-        """The manifest, counted as a hit when its bytes came from the cache."""
+    async def get(self, target: Target, accept: list[str], method: str | None) -> SmallObject:
+        """The manifest for this caller (counted by the store unless `method` is None: a prefetch).
+
+        What a manifest of a repository lists (layers, config, child manifests) is linked to that
+        repository, as distribution links blobs per repository: pulls of its blobs need no HEAD."""
         if target.digest is not None:
-            item, fetched = await self._by_digest(target, target.digest, accept)
+            item = await self._by_digest(target, target.digest, accept, method)
         else:
-            item, fetched = await self._by_tag(target, accept)
-        origin = Origin(SOURCE, target.registry.name)
-        if fetched:
-            self._traffic.miss(origin, target.repository)
-        else:
-            self._traffic.hit(origin, len(item.data), target.repository)
+            item = await self._by_tag(target, accept, method)
+        await self._link_contents(target.scope, item)
         return item
 
-    async def _by_digest(self, target: Target, digest: Digest, accept: list[str]) -> Answer:
-        item = await self._cache.get_small(digest)
-        if item is not None:
-            return item, False
-        return await self._flights.run(("digest", str(digest)), lambda: self._fetch_digest(target, digest, accept))
-
-    async def _fetch_digest(self, target: Target, digest: Digest, accept: list[str]) -> Answer:
+    async def _by_digest(self, target: Target, digest: Digest, accept: list[str], method: str | None) -> SmallObject:
         client = self._clients[target.registry.name]
-        response = await client.get_manifest(target.repository, str(digest), _upstream_accept(accept))
-        return await self._store_verified(response, digest, target.registry.name), True
 
-    async def _by_tag(self, target: Target, accept: list[str]) -> Answer:
-        ref = await self._cache.get_reference(SOURCE, target.tag_key)
-        cached = await self._cached(ref, accept)
-        if cached is not None and ref is not None and ref.is_fresh():
-            return cached, False
-        try:
-            return await self._flights.run(
-                ("tag", target.tag_key, tuple(accept)), lambda: self._revalidate(target, accept)
-            )
-        except (UpstreamUnavailable, TooManyRequests) as exc:
-            if cached is None:
-                raise
-            log.warning("serving %s stale at %s: %s", target.tag_key, cached.digest, exc.message)
-            return cached, False
-
-    async def _cached(self, ref: Reference | None, accept: list[str]) -> SmallObject | None:
-        if ref is None:
+        async def confirm() -> int | None:
+            await client.head_manifest(target.repository, str(digest), _upstream_accept(accept))
             return None
-        item = await self._cache.get_small(Digest.parse(ref.digest))
-        return item if item is not None and accepts(accept, item.media_type) else None
 
-    async def _revalidate(self, target: Target, accept: list[str]) -> Answer:
-        client = self._clients[target.registry.name]
-        head = await client.head_manifest(target.repository, target.reference, ALL_MANIFEST_TYPES)
-        digest = _header_digest(head)
-        media_type = head.headers.get("content-type", "").split(";", 1)[0].strip() or None
-        if digest is not None and accepts(accept, media_type):
-            item = await self._cache.get_small(digest)
-            fetched = item is None
-            if item is None:
-                response = await client.get_manifest(target.repository, str(digest), ALL_MANIFEST_TYPES)
-                item = await self._store_verified(response, digest, target.registry.name)
-            await self._remember_tag(target, item, head)
-            return item, fetched
-        # The client wants another representation than the registry's own (an old client that
-        # takes no index): ask with its Accept and keep the answer by digest only, not as the tag.
-        response = await client.get_manifest(target.repository, target.reference, accept)
-        digest = _header_digest(response) or Digest.from_hex(hashlib.sha256(response.content).hexdigest())
-        return await self._store_verified(response, digest, target.registry.name), True
-
-    async def _store_verified(self, response: httpx.Response, digest: Digest, upstream: str) -> SmallObject:
-        data = response.content
-        if len(data) > MAX_MANIFEST_BYTES:
-            raise ManifestInvalid(f"upstream manifest {digest} is larger than {MAX_MANIFEST_BYTES} bytes")
-        actual = hashlib.sha256(data).hexdigest()
-        if actual != digest.hex:
-            log.warning("upstream sent a manifest for %s that hashes to sha256:%s", digest, actual)
-            raise ManifestInvalid(f"upstream sent bytes that do not match {digest}")
-        origin = Origin(SOURCE, upstream)
-        self._traffic.fetched(origin, len(data))
-        return await self._cache.put_small(data, digest, _media_type(response, data), origin)
-
-    async def _remember_tag(self, target: Target, item: SmallObject, head: httpx.Response) -> None:
-        now = time.time()
-        validators = {k: head.headers[k] for k in ("docker-content-digest", "etag") if k in head.headers}
-        await self._cache.put_reference(
-            Reference(
-                source=SOURCE,
-                key=target.tag_key,
-                digest=str(item.digest),
-                fetched_at=now,
-                expires_at=now + target.registry.tag_ttl,
-                validators=validators,
-                meta={"media_type": item.media_type},
-            )
+        return await self._store.small(
+            SmallRequest(
+                target.scope, self._origin(target), digest,
+                fetch=lambda: self._fetch(target, str(digest), _upstream_accept(accept)),
+                translate=translate, confirm=confirm,
+            ),
+            method=method,
         )
+
+    async def _by_tag(self, target: Target, accept: list[str], method: str | None) -> SmallObject:
+        resolved = await self._store.freshness.resolve(
+            SOURCE, target.tag_key, ttl=target.registry.tag_ttl, revalidate=lambda _previous: self._head_tag(target)
+        )
+        ref = resolved.ref
+        if ref.digest and accepts(accept, ref.meta.get("media_type")):
+            digest = Digest.parse(ref.digest)
+            await self._store.admit(target.scope, [digest])  # the tag's HEAD in this repository named it
+            return await self._by_digest(target, digest, accept, method)
+        # The registry named no digest, or the client wants another representation than the
+        # registry's own (an old client that takes no index): ask with its Accept and keep the
+        # answer by digest only, not as the tag.
+        response = await self._clients[target.registry.name].get_manifest(target.repository, target.reference, accept)
+        data = _checked_size(response.content)
+        digest = _header_digest(response) or Digest.from_hex(hashlib.sha256(data).hexdigest())
+
+        async def fetched() -> tuple[bytes, str | None]:
+            return data, _media_type(response, data)
+
+        return await self._store.small(
+            SmallRequest(target.scope, self._origin(target), digest, fetch=fetched, translate=translate), method=method
+        )
+
+    async def _head_tag(self, target: Target) -> Found:
+        head = await self._clients[target.registry.name].head_manifest(target.repository, target.reference, ALL_MANIFEST_TYPES)
+        digest = _header_digest(head)
+        validators = {k: head.headers[k] for k in ("docker-content-digest", "etag") if k in head.headers}
+        media_type = head.headers.get("content-type", "").split(";", 1)[0].strip() or None
+        return Found(str(digest) if digest else "", validators, {"media_type": media_type})
+
+    async def _fetch(self, target: Target, reference: str, accept: list[str]) -> tuple[bytes, str | None]:
+        response = await self._clients[target.registry.name].get_manifest(target.repository, reference, accept)
+        data = _checked_size(response.content)
+        return data, _media_type(response, data)
+
+    async def _link_contents(self, scope: ReadScope, item: SmallObject) -> None:
+        if self._linked.get((scope, item.digest)):
+            return
+        await self._store.admit(scope, referenced_digests(item.data))
+        self._linked.put((scope, item.digest), True)
+
+    @staticmethod
+    def _origin(target: Target) -> Origin:
+        return Origin(SOURCE, target.registry.name)
+
+
+def referenced_digests(data: bytes) -> list[Digest]:
+    """The sha256 digests a manifest or index lists: config, layers, blobs, child manifests, subject."""
+    try:
+        document = json.loads(data)
+    except ValueError:
+        return []
+    if not isinstance(document, dict):
+        return []
+    descriptors: list[object] = [document.get("config"), document.get("subject")]
+    for field in ("layers", "blobs", "manifests"):
+        listed = document.get(field)
+        if isinstance(listed, list):
+            descriptors += listed
+    found = []
+    for descriptor in descriptors:
+        if isinstance(descriptor, dict) and isinstance(descriptor.get("digest"), str):
+            try:
+                found.append(Digest.parse(descriptor["digest"]))
+            except (InvalidDigest, UnsupportedDigest):
+                continue
+    return found
+
+
+def _checked_size(data: bytes) -> bytes:
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ManifestInvalid(f"upstream manifest is larger than {MAX_MANIFEST_BYTES} bytes")
+    return data
 
 
 def _header_digest(response: httpx.Response) -> Digest | None:

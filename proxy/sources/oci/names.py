@@ -13,6 +13,7 @@ from enum import Enum
 from proxy.config import RegistryConfig
 from proxy.sources.oci.errors import DigestInvalid, NameInvalid, NameUnknown, TagInvalid, Unsupported
 from proxy.store.digest import Digest, InvalidDigest, UnsupportedDigest
+from proxy.store.records import ReadScope
 
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|[-]+)[a-z0-9]+)*"
 _REPOSITORY = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
@@ -39,6 +40,11 @@ class Target:
     reference: str  # a tag or a digest string; "" for tags/list
     digest: Digest | None  # set when reference is a digest
     prefix: str  # the path prefix the client used ("" or "ghcr.io/")
+
+    @property
+    def scope(self) -> ReadScope:
+        """Who may read what this request names: the repository at its upstream."""
+        return ReadScope.oci(self.registry.name, self.repository)
 
     @property
     def tag_key(self) -> str:

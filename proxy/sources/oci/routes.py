@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Sequence
 
 import httpx
 from starlette.requests import Request
@@ -12,14 +13,15 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from proxy.config import Settings
+from proxy.resources import Fetched, FetchedFile, Resource, ResourceKind
 from proxy.sources.oci.blobs import BlobService
 from proxy.sources.oci.errors import API_VERSION_HEADER, OciError, Unsupported
-from proxy.sources.oci.manifests import ALL_MANIFEST_TYPES, DOCKER_LIST, OCI_INDEX, ManifestService, parse_accept
+from proxy.sources.oci.manifests import ALL_MANIFEST_TYPES, DOCKER_LIST, OCI_INDEX, SOURCE, ManifestService, parse_accept
 from proxy.sources.oci.names import Kind, Router, Target
 from proxy.sources.oci.upstream import BlobTransport, RegistryClient
-from proxy.stats import Traffic
-from proxy.store.cache import BlobCache
 from proxy.store.digest import Digest
+from proxy.store.janitor import TtlRule
+from proxy.store.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -29,20 +31,34 @@ ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 class OciMirror:
     """A registry mirror over every configured upstream registry."""
 
-    def __init__(
-        self, settings: Settings, cache: BlobCache, http: httpx.AsyncClient, blobs: BlobTransport, traffic: Traffic
-    ) -> None:
+    name = "oci"
+    resource_kinds: tuple[ResourceKind, ...] = ("image",)
+
+    def __init__(self, settings: Settings, store: Store, http: httpx.AsyncClient, blobs: BlobTransport) -> None:
         self.router = Router(settings.registries)
         self.clients = {r.name: RegistryClient(r, http, blobs) for r in settings.registries}
-        self.manifests = ManifestService(cache, self.clients, traffic)
-        self.blobs = BlobService(cache, self.clients, traffic)
+        self.manifests = ManifestService(store, self.clients)
+        self.blobs = BlobService(store, self.clients)
 
-    async def prefetch_image(self, image: str, platforms: list[str]) -> list[tuple[str, int]]:
+    @staticmethod
+    def purge_rules(settings: Settings) -> list[TtlRule]:
+        return [TtlRule(SOURCE, r.name, r.ttl) for r in settings.registries if r.ttl is not None]
+
+    async def aclose(self) -> None:
+        pass
+
+    async def prefetch(self, resource: Resource, platforms: Sequence[str]) -> Fetched:
+        """An image as an OCI layout's blobs: the manifests for `platforms`, their configs and layers."""
+        blobs = await self.prefetch_image(resource.image, platforms)
+        files = [FetchedFile(f"blobs/sha256/{d.split(':', 1)[1]}", d, size) for d, size in blobs]
+        return Fetched(resource, files, layout="oci")
+
+    async def prefetch_image(self, image: str, platforms: Sequence[str]) -> list[tuple[str, int]]:
         """Fetch an image (the manifests for `platforms` of a multi-arch one, their configs and
         layers) into the cache; (digest, size) of everything it consists of."""
         name, reference = split_image_reference(image)
         target = self.router.route(f"{name}/manifests/{reference}", None)
-        top = await self.manifests.get(target, ALL_MANIFEST_TYPES)
+        top = await self.manifests.get(target, ALL_MANIFEST_TYPES, method=None)
         fetched = [(str(top.digest), len(top.data))]
         manifests = [top]
         document = json.loads(top.data)
@@ -53,7 +69,7 @@ class OciMirror:
                 label = "/".join(p for p in (platform.get("os"), platform.get("architecture"), platform.get("variant")) if p)
                 if any(label == wanted or label.startswith(wanted + "/") for wanted in platforms):
                     child = self.router.route(f"{name}/manifests/{entry['digest']}", None)
-                    item = await self.manifests.get(child, ALL_MANIFEST_TYPES)
+                    item = await self.manifests.get(child, ALL_MANIFEST_TYPES, method=None)
                     fetched.append((str(item.digest), len(item.data)))
                     manifests.append(item)
         for item in manifests:
@@ -61,8 +77,8 @@ class OciMirror:
             for descriptor in [document.get("config", {}), *document.get("layers", [])]:
                 if descriptor.get("digest"):
                     digest = Digest.parse(descriptor["digest"])
-                    size = await self.blobs.fetch(target.registry.name, target.repository, digest)
-                    fetched.append((str(digest), size))
+                    blob = await self.blobs.fetch(target.registry.name, target.repository, digest)
+                    fetched.append((str(digest), blob.size))
         return fetched
 
     def ratelimits(self) -> dict[str, str]:
@@ -98,7 +114,7 @@ class OciMirror:
             return OciError("internal error in the mirror").response()
 
     async def _manifest(self, target: Target, request: Request) -> Response:
-        item = await self.manifests.get(target, parse_accept(request.headers.getlist("accept")))
+        item = await self.manifests.get(target, parse_accept(request.headers.getlist("accept")), method=request.method)
         etag = f'"{item.digest}"'
         headers = {
             **API_VERSION_HEADER,

@@ -7,24 +7,27 @@ the ETag, so the bytes cached are always one version.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import time
+from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from proxy.config import S3Bucket, S3Config
-from proxy.sources.objects import ObjectError, ObjectMirror, Unreachable, Version
+import httpx
+
+from proxy.config import S3Bucket, Settings
+from proxy.http.download import BlobTransport
+from proxy.resources import Fetched, FetchedFile, Resource, ResourceKind
+from proxy.sources.objects import ObjectError, ObjectMirror, ObjectName, Version, translate
 from proxy.sources.s3.client import S3Clients
-from proxy.stats import Traffic
-from proxy.store.cache import BlobCache
-from proxy.store.digest import Digest
-from proxy.store.fill import Origin
-from proxy.store.index import Reference
+from proxy.store.blobs import BlobFile
+from proxy.store.janitor import TtlRule
+from proxy.store.memo import SmallObject
+from proxy.store.records import Origin, ReadScope
+from proxy.store.store import Document, Store
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +37,15 @@ MAX_KEY = 1024
 
 
 class S3Mirror:
-    def __init__(self, config: S3Config, cache: BlobCache, traffic: Traffic) -> None:
+    name = SOURCE
+    resource_kinds: tuple[ResourceKind, ...] = ("s3",)
+
+    def __init__(self, settings: Settings, store: Store, http: httpx.AsyncClient, blobs: BlobTransport) -> None:
+        config = settings.s3
         self.config = config
         self.clients = S3Clients(config)
-        self._cache = cache
-        self._objects = ObjectMirror(cache, traffic, SOURCE)
+        self._store = store
+        self._objects = ObjectMirror(store, SOURCE)
 
     def routes(self) -> list[BaseRoute]:
         return [Route("/s3/{rest:path}", self.dispatch, methods=["GET", "HEAD"])]
@@ -46,16 +53,22 @@ class S3Mirror:
     async def aclose(self) -> None:
         await self.clients.aclose()
 
+    @staticmethod
+    def purge_rules(settings: Settings) -> list[TtlRule]:
+        return [TtlRule(SOURCE, None, settings.s3.ttl)] if settings.s3.ttl is not None else []
+
+    async def prefetch(self, resource: Resource, platforms: Sequence[str]) -> Fetched:
+        objects = await self.prefetch_url(resource.url)
+        return Fetched(resource, [FetchedFile(path, str(blob.digest), blob.size) for path, blob in objects])
+
     async def dispatch(self, request: Request) -> Response:
         try:
             bucket_name, _, key = request.path_params["rest"].partition("/")
             bucket = self.allowed(bucket_name, key)
             if key == "" or key.endswith("/"):
-                return JSONResponse(await self.listing(bucket, key))
-            return await self._objects.serve(
-                f"{bucket.name}/{key}", request, origin=self.origin(bucket), ttl=self.config.object_ttl,
-                probe=lambda: self.probe(bucket, key), repository=bucket.name,
-            )
+                listing = await self._listing(bucket, key, method=request.method)
+                return Response(listing.data, media_type=listing.media_type)
+            return await self._objects.serve(self._name(bucket, key), request)
         except ObjectError as exc:
             return exc.response()
 
@@ -71,6 +84,12 @@ class S3Mirror:
         endpoint = bucket.endpoint_url or self.config.endpoint_url
         return Origin(SOURCE, urlsplit(endpoint).netloc if endpoint else "s3.amazonaws.com")
 
+    def _name(self, bucket: S3Bucket, key: str) -> ObjectName:
+        return ObjectName(
+            f"{bucket.name}/{key}", ReadScope.s3(bucket.name), self.origin(bucket), self.config.object_ttl,
+            probe=lambda: self.probe(bucket, key),
+        )
+
     async def probe(self, bucket: S3Bucket, key: str) -> Version:
         head = await self.clients.head(bucket, key)
         etag = head["ETag"]
@@ -82,44 +101,40 @@ class S3Mirror:
             headers=headers, content_type=head.get("ContentType") or "application/octet-stream",
         )
 
-    async def fetch(self, bucket: S3Bucket, key: str) -> Digest:
+    async def fetch(self, bucket: S3Bucket, key: str) -> BlobFile:
         """Prefetch one object into the cache."""
-        return await self._objects.fetch(
-            f"{bucket.name}/{key}", origin=self.origin(bucket), ttl=self.config.object_ttl, probe=lambda: self.probe(bucket, key)
-        )
+        return await self._objects.fetch(self._name(bucket, key))
 
-    async def prefetch(self, url: str) -> list[tuple[str, str]]:
+    async def prefetch_url(self, url: str) -> list[tuple[str, BlobFile]]:
         """s3://bucket/key (an object) or s3://bucket/prefix[/] (everything under it) into the
-        cache; (path relative to the prefix, or the key's last part, and digest) of each object."""
+        cache; (path relative to the prefix, or the key's last part, and blob) of each object."""
         bucket_name, _, key = url.removeprefix("s3://").partition("/")
         bucket = self.allowed(bucket_name, key)
         if key and not key.endswith("/"):
             try:
-                return [(key.rsplit("/", 1)[-1], str(await self.fetch(bucket, key)))]
+                return [(key.rsplit("/", 1)[-1], await self.fetch(bucket, key))]
             except ObjectError as exc:
                 if exc.code != "NoSuchKey":
                     raise
                 key += "/"  # not an object: a prefix (with the slash, so …/8 does not take …/80)
         listing = await self.listing(bucket, key)
         objects = [str(item["key"]) for item in listing["objects"]]  # type: ignore[union-attr]
-        return [(k[len(key):], str(await self.fetch(bucket, k))) for k in objects if not k.endswith("/")]
+        return [(k[len(key):], await self.fetch(bucket, k)) for k in objects if not k.endswith("/")]
 
     async def listing(self, bucket: S3Bucket, prefix: str) -> dict[str, object]:
-        """The objects under a prefix, from upstream, or the last listing while it is unreachable."""
-        key = f"{bucket.name}/{prefix}"
-        try:
+        """The objects under a prefix (for a prefetch)."""
+        return json.loads((await self._listing(bucket, prefix, method=None)).data)
+
+    async def _listing(self, bucket: S3Bucket, prefix: str, *, method: str | None) -> SmallObject:
+        """The objects under a prefix as JSON: kept for `object_ttl`, the last one while S3 is unreachable."""
+
+        async def fetch() -> Document:
             objects = await self.clients.list(bucket, prefix)
-        except Unreachable:
-            ref = await self._cache.get_reference(LISTINGS, key)
-            item = await self._cache.get_small(Digest.parse(ref.digest)) if ref is not None else None
-            if item is None:
-                raise
-            log.warning("S3 unreachable: serving the listing of %s from the cache", key)
-            return json.loads(item.data)
-        listing = {"bucket": bucket.name, "prefix": prefix, "objects": objects}
-        data = json.dumps(listing).encode()
-        digest = Digest.from_hex(hashlib.sha256(data).hexdigest())
-        await self._cache.put_small(data, digest, "application/json", self.origin(bucket))
-        now = time.time()
-        await self._cache.put_reference(Reference(LISTINGS, key, str(digest), now, now + self.config.object_ttl))
-        return listing
+            listing = {"bucket": bucket.name, "prefix": prefix, "objects": objects}
+            return Document(json.dumps(listing).encode(), "application/json")
+
+        item, _ = await self._store.document(
+            ReadScope.s3(bucket.name), self.origin(bucket), (LISTINGS, f"{bucket.name}/{prefix}"),
+            ttl=self.config.object_ttl, fetch=fetch, method=method, translate=translate,
+        )
+        return item

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Sequence
 from urllib.parse import unquote, urlsplit
 
 import anyio
@@ -20,26 +21,46 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from proxy.config import WebConfig
+from proxy.config import Settings
+from proxy.resources import Fetched, FetchedFile, Resource, ResourceKind
 from proxy.http.download import BlobDownload, BlobTransport, TransferFailed, small_body
-from proxy.sources.objects import ObjectError, ObjectMirror, Unreachable, Version
-from proxy.stats import Traffic
-from proxy.store.cache import BlobCache
-from proxy.store.digest import Digest
-from proxy.store.fill import Origin
+from proxy.sources.objects import ObjectError, ObjectMirror, ObjectName, Unreachable, Version
+from proxy.store.blobs import BlobFile
+from proxy.store.janitor import TtlRule
+from proxy.store.records import Origin, ReadScope
+from proxy.store.store import Store
 
 log = logging.getLogger(__name__)
 
 MAX_URL = 4096
+IMMUTABLE_TTL = float(2**40)
 
 
 class WebMirror:
-    def __init__(self, config: WebConfig, cache: BlobCache, http: httpx.AsyncClient, blobs: BlobTransport, traffic: Traffic) -> None:
+    name = "web"
+    resource_kinds: tuple[ResourceKind, ...] = ("https", "ipfs")
+
+    def __init__(self, settings: Settings, store: Store, http: httpx.AsyncClient, blobs: BlobTransport) -> None:
+        config = settings.web
         self.config = config
         self._http = http
         self._blobs = blobs
-        self._web = ObjectMirror(cache, traffic, "web")
-        self._ipfs = ObjectMirror(cache, traffic, "ipfs")
+        self._web = ObjectMirror(store, "web")
+        self._ipfs = ObjectMirror(store, "ipfs")
+
+    @staticmethod
+    def purge_rules(settings: Settings) -> list[TtlRule]:
+        return [TtlRule("ipfs", None, IMMUTABLE_TTL)]  # IPFS content never changes: only the size cap evicts it
+
+    async def aclose(self) -> None:
+        pass
+
+    async def prefetch(self, resource: Resource, platforms: Sequence[str]) -> Fetched:
+        if resource.kind == "ipfs":
+            blob = await self.fetch_ipfs(resource.url)
+        else:
+            blob = await self.fetch_url(resource.url)
+        return Fetched(resource, [FetchedFile(resource.file_name, str(blob.digest), blob.size)])
 
     def routes(self) -> list[BaseRoute]:
         return [
@@ -51,11 +72,14 @@ class WebMirror:
     async def web(self, request: Request) -> Response:
         try:
             url = self.allowed_url(request.path_params["rest"], request.url.query)
-            return await self._web.serve(
-                url, request, origin=Origin("web", urlsplit(url).netloc), ttl=self.config.ttl, probe=lambda: self.probe_url(url)
-            )
+            return await self._web.serve(self._web_name(url), request)
         except ObjectError as exc:
             return exc.response()
+
+    def _web_name(self, url: str) -> ObjectName:
+        # The longest allowed prefix: one URL always belongs to the same scope.
+        prefix = max((p for p in self.config.allow if _under(url, p)), key=len)
+        return ObjectName(url, ReadScope.web(prefix), Origin("web", urlsplit(url).netloc), self.config.ttl, lambda: self.probe_url(url))
 
     def allowed_url(self, rest: str, query: str = "") -> str:
         url = re.sub(r"^(https?):/+", r"\1://", rest) + (f"?{query}" if query else "")
@@ -103,17 +127,14 @@ class WebMirror:
             raise Unreachable(f"{urlsplit(url).netloc} answered {response.status}")
         return BlobDownload(response)
 
-    async def fetch_url(self, url: str) -> Digest:
-        url = self.allowed_url(url)
-        return await self._web.fetch(url, origin=Origin("web", urlsplit(url).netloc), ttl=self.config.ttl, probe=lambda: self.probe_url(url))
+    async def fetch_url(self, url: str) -> BlobFile:
+        return await self._web.fetch(self._web_name(self.allowed_url(url)))
 
     # -- /ipfs/ --------------------------------------------------------------------------------------
     async def ipfs(self, request: Request) -> Response:
         try:
-            key, path = self.ipfs_key(request.path_params["rest"])
-            return await self._ipfs.serve(
-                key, request, origin=Origin("ipfs", "gateways"), ttl=None, probe=lambda: self.probe_ipfs(key), repository=key.split("/")[0]
-            )
+            key, _ = self.ipfs_key(request.path_params["rest"])
+            return await self._ipfs.serve(self._ipfs_name(key), request)
         except ObjectError as exc:
             return exc.response()
 
@@ -152,9 +173,12 @@ class WebMirror:
             raise ObjectError(404, "NotFound", f"no gateway has /ipfs/{key}")
         raise Unreachable("no IPFS gateway answered: " + "; ".join(failures))
 
-    async def fetch_ipfs(self, cid_and_path: str) -> Digest:
+    async def fetch_ipfs(self, cid_and_path: str) -> BlobFile:
         key, _ = self.ipfs_key(cid_and_path)
-        return await self._ipfs.fetch(key, origin=Origin("ipfs", "gateways"), ttl=None, probe=lambda: self.probe_ipfs(key))
+        return await self._ipfs.fetch(self._ipfs_name(key))
+
+    def _ipfs_name(self, key: str) -> ObjectName:
+        return ObjectName(key, ReadScope.ipfs(), Origin("ipfs", "gateways"), None, lambda: self.probe_ipfs(key))
 
 
 def _under(url: str, prefix: str) -> bool:

@@ -1,0 +1,144 @@
+"""Blob rows (size, access times, who filled them) and the read scopes that admitted each digest."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+
+from sqlalchemy import Engine, and_, bindparam, delete, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from proxy.store.index.engine import insert_for
+from proxy.store.index.models import BlobRow, BlobScopeRow, PinRow
+from proxy.store.records import BlobRecord, UsageRow
+
+DELETE_BATCH = 500
+TRANSACTION_ROWS = 50_000
+
+
+class BlobIndex:
+    """Queries over the blobs table. Blocking: the store calls it from its index threads."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._insert = insert_for(engine)
+
+    def add(
+        self, digest: str, size: int, media_type: str | None = None, *, source: str | None = None, upstream: str | None = None
+    ) -> None:
+        now = time.time()
+        stmt = self._insert(BlobRow).values(
+            digest=digest, size=size, media_type=media_type, created_at=now, last_access=now, hits=0,
+            source=source, upstream=upstream,
+        )
+        if media_type is not None:
+            stmt = stmt.on_conflict_do_update(index_elements=["digest"], set_={"media_type": media_type})
+        else:
+            stmt = stmt.on_conflict_do_nothing(index_elements=["digest"])
+        with Session(self.engine) as session, session.begin():
+            session.execute(stmt)
+
+    def get(self, digest: str) -> BlobRecord | None:
+        with Session(self.engine) as session:
+            row = session.get(BlobRow, digest)
+            if row is None:
+                return None
+            return BlobRecord(
+                row.digest, row.size, row.media_type, row.created_at, row.last_access, row.hits, row.source, row.upstream
+            )
+
+    def record_access(self, accesses: Mapping[str, tuple[float, int]]) -> None:
+        """Apply a batch of (last access, hit count) per digest in one transaction."""
+        if not accesses:
+            return
+        table = BlobRow.__table__
+        statement = (
+            update(table)
+            .where(table.c.digest == bindparam("d"))
+            .values(last_access=bindparam("la"), hits=table.c.hits + bindparam("h"))
+        )
+        rows = [{"d": digest, "la": last, "h": hits} for digest, (last, hits) in accesses.items()]
+        with self.engine.begin() as connection:
+            connection.execute(statement, rows)
+
+    def usage(self) -> list[UsageRow]:
+        """Entries and bytes per (source, upstream)."""
+        with Session(self.engine) as session:
+            rows = session.execute(
+                select(BlobRow.source, BlobRow.upstream, func.count(), func.coalesce(func.sum(BlobRow.size), 0))
+                .group_by(BlobRow.source, BlobRow.upstream)
+            )
+            return [UsageRow(source, upstream, int(n), int(total)) for source, upstream, n, total in rows]
+
+    def unused_since(
+        self, cutoff: float, *, source: str | None, upstream: str | None, exclude: list[tuple[str | None, str | None]], limit: int
+    ) -> list[tuple[str, int]]:
+        """Unpinned blobs last read before `cutoff`: those of one (source, upstream), or with None
+        for both, every blob not of an `exclude`d pair (the default rule)."""
+        query = select(BlobRow.digest, BlobRow.size).where(BlobRow.last_access < cutoff, ~BlobRow.digest.in_(select(PinRow.digest)))
+        if source is not None:
+            query = query.where(BlobRow.source == source)
+            if upstream is not None:
+                query = query.where(BlobRow.upstream == upstream)
+        else:
+            for ex_source, ex_upstream in exclude:
+                pair = BlobRow.source == ex_source
+                if ex_upstream is not None:
+                    pair = and_(pair, BlobRow.upstream == ex_upstream)
+                query = query.where(or_(BlobRow.source.is_(None), ~pair))
+        with Session(self.engine) as session:
+            return [(d, s) for d, s in session.execute(query.order_by(BlobRow.last_access).limit(limit))]
+
+    def least_recently_used(self, *, accessed_before: float, limit: int) -> list[tuple[str, int]]:
+        """Unpinned blobs, least recently read first."""
+        query = (
+            select(BlobRow.digest, BlobRow.size)
+            .where(BlobRow.last_access < accessed_before, ~BlobRow.digest.in_(select(PinRow.digest)))
+            .order_by(BlobRow.last_access)
+            .limit(limit)
+        )
+        with Session(self.engine) as session:
+            return [(d, s) for d, s in session.execute(query)]
+
+    def remove(self, digests: list[str]) -> None:
+        """Rows and their scopes, in transactions of 50,000 rows (a second or two each), so access
+        flushes are not held up long."""
+        for chunk in range(0, len(digests), TRANSACTION_ROWS):
+            with Session(self.engine) as session, session.begin():
+                part = digests[chunk : chunk + TRANSACTION_ROWS]
+                for start in range(0, len(part), DELETE_BATCH):
+                    batch = part[start : start + DELETE_BATCH]
+                    session.execute(delete(BlobScopeRow).where(BlobScopeRow.digest.in_(batch)))
+                    session.execute(delete(BlobRow).where(BlobRow.digest.in_(batch)))
+
+    def all_digests(self) -> set[str]:
+        with Session(self.engine) as session:
+            return set(session.scalars(select(BlobRow.digest)))
+
+    # -- read scopes -------------------------------------------------------------------------------
+    def admit(self, scope: str, digests: Iterable[str]) -> None:
+        """Record that `scope` may read these digests (idempotent)."""
+        now = time.time()
+        rows = [{"digest": d, "scope": scope, "created_at": now} for d in dict.fromkeys(digests)]
+        if not rows:
+            return
+        stmt = self._insert(BlobScopeRow).on_conflict_do_nothing(index_elements=["digest", "scope"])
+        with self.engine.begin() as connection:
+            connection.execute(stmt, rows)
+
+    def admitted(self, scope: str, digest: str) -> bool:
+        with Session(self.engine) as session:
+            return session.get(BlobScopeRow, (digest, scope)) is not None
+
+    def scopes_of(self, digest: str) -> list[str]:
+        with Session(self.engine) as session:
+            return list(session.scalars(select(BlobScopeRow.scope).where(BlobScopeRow.digest == digest)))
+
+    def drop_unbacked_scopes(self, created_before: float) -> int:
+        """Admissions of digests that never became (or no longer are) a blob, older than the cutoff:
+        an upstream listed a layer nobody pulled."""
+        stmt = delete(BlobScopeRow).where(
+            BlobScopeRow.created_at < created_before, ~BlobScopeRow.digest.in_(select(BlobRow.digest))
+        )
+        with self.engine.begin() as connection:
+            return int(connection.execute(stmt).rowcount or 0)

@@ -1,0 +1,403 @@
+"""The store's one door: what every source calls to read bytes, and nothing else.
+
+`serve` answers a blob read (a hit, a local fill, or another node's fill followed) with Range,
+in-use tracking, accounting and the last-byte-after-verification rule inside; `small` does the
+same for manifests held whole in memory; `document` for answers fetched whole and named by a key
+(HF API answers, S3 listings). Every read names the caller's read scope: cached bytes are served
+only under a scope that admitted them, and anything else is a cold request the upstream decides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from starlette.responses import Response
+
+from proxy.http.responses import ByteSource, blob_response
+from proxy.singleflight import SingleFlight
+from proxy.store.blobs import BlobFile, BlobStore, DigestMismatch
+from proxy.store.digest import Digest
+from proxy.store.events import NoEvents, Outcome, StoreEvents
+from proxy.store.fill import Fill
+from proxy.store.filler import Filler, FillPlan, confirm_by_opening
+from proxy.store.freshness import Found, Freshness
+from proxy.store.index import Index
+from proxy.store.leases import FillLeases
+from proxy.store.memo import AccessLog, AdmissionMemo, BlobsInUse, SmallObject, SmallObjectCache
+from proxy.store.pools import Pools, PoolSizes
+from proxy.store.readers import FileSource
+from proxy.store.records import Origin, ReadScope, Reference
+from proxy.store.references import References
+from proxy.store.requests import BlobRequest, FetchFailed, SmallRequest, Translate
+
+log = logging.getLogger(__name__)
+
+ACCESS_FLUSH_SECONDS = 15.0
+
+
+@dataclass(frozen=True)
+class Document:
+    """An answer fetched whole (an API response, a listing) and what to remember beside it."""
+
+    data: bytes
+    media_type: str
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Opened:
+    source: ByteSource | None  # None: nothing to send (a HEAD)
+    size: int
+    outcome: Outcome
+    joined: bool = False
+
+
+class Store:
+    """The cache as sources see it. Knows nothing of registries or hubs."""
+
+    def __init__(
+        self,
+        root: Path,
+        index: Index,
+        *,
+        node: str,
+        events: StoreEvents | None = None,
+        pools: Pools | None = None,
+        lease_seconds: float | None = 15.0,
+        follow_streams: bool = True,
+        small_object_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
+        self.files = BlobStore(root, node_id=node)
+        self.index = index
+        self.pools = pools or Pools(PoolSizes())  # the store's from here on: it shuts them down
+        self._events: StoreEvents = events or NoEvents()
+        self.leases = FillLeases(index, self.pools, self.files.node_id, lease_seconds) if lease_seconds is not None else None
+        self._filler = Filler(
+            self.files, self.pools, self._verified, self._committed, self._events, self.leases, follow_streams=follow_streams
+        )
+        self._in_use = BlobsInUse()
+        self._small = SmallObjectCache(small_object_bytes)
+        self._admitted = AdmissionMemo()
+        self._access = AccessLog()
+        self._small_fetches: SingleFlight[SmallObject] = SingleFlight()
+        self.refs = References(index, self.pools)
+        self.freshness = Freshness(self.refs)
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.pools.files(self.files.prepare)
+        self._flusher = asyncio.create_task(self._flush_periodically(), name="access flush")
+
+    async def aclose(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+        await self._filler.aclose()
+        try:
+            await self.flush_access()
+        finally:
+            self.pools.shutdown()
+
+    def fill_in_flight(self, key: str) -> Fill | None:
+        """The fill running in this process for a fill key (a digest, or an object's name): for
+        operators' views and tests; sources never need it."""
+        return self._filler.inflight(key)
+
+    # -- the door: blobs -----------------------------------------------------------------------
+    async def serve(
+        self, request: BlobRequest, *, method: str, range_header: str | None, headers: Mapping[str, str], media_type: str
+    ) -> Response:
+        """GET or HEAD of a blob for one caller: 200 or 206, counted once."""
+        try:
+            opened = await self._open(request, method)
+            response = blob_response(
+                opened.source, opened.size, method=method, range_header=range_header, headers=headers, media_type=media_type
+            )
+        except Exception as exc:  # noqa: BLE001 - the source words every failure in its protocol
+            raise request.translate(exc) from None
+        self._events.request(request.origin, request.scope, opened.outcome, joined=opened.joined)
+        if opened.outcome is Outcome.HIT and method == "GET":
+            self._events.sent_from_cache(request.origin, request.scope, int(response.headers["content-length"]))
+        return response
+
+    async def fetch(self, request: BlobRequest) -> BlobFile:
+        """Make sure the blob is cached and readable under the request's scope (prefetch)."""
+        try:
+            blob = await self._readable_blob(request)
+            if blob is not None:
+                return blob
+            fill, _ = await self._attach(request)
+            done = await fill.finished()
+            if done is None:
+                raise fill.error or FetchFailed(f"fetching {request.fill_key} failed")
+            return done
+        except Exception as exc:  # noqa: BLE001
+            raise request.translate(exc) from None
+
+    async def _open(self, request: BlobRequest, method: str) -> _Opened:
+        blob = await self._readable_blob(request)
+        if blob is not None:
+            self._access.touch(blob.digest)
+            return _Opened(FileSource(blob, self._in_use, self.pools), blob.size, Outcome.HIT)
+        if method == "HEAD":
+            return await self._head_miss(request)
+        fill, joined = await self._attach(request)
+        size = await fill.opened()
+        if size is None:
+            # The upstream announced no length: the client gets the blob once it is whole.
+            done = await fill.finished()
+            if done is None:
+                raise fill.error or FetchFailed(f"fetching {request.fill_key} failed")
+            return _Opened(FileSource(done, self._in_use, self.pools), done.size, Outcome.MISS, joined)
+        return _Opened(fill, size, Outcome.MISS, joined)
+
+    async def _readable_blob(self, request: BlobRequest) -> BlobFile | None:
+        """The committed blob if this scope may read it (admitted, or confirmed by the upstream now)."""
+        if request.digest is None:
+            return None
+        blob = await self.pools.files(self.files.stat, request.digest)
+        if blob is None:
+            return None
+        if await self.admitted(request.scope, blob.digest):
+            return blob
+        if request.name is not None:
+            return None  # bytes named by an object's key: a fill by name lets the upstream decide
+        await self._confirm(request)
+        await self.admit(request.scope, [blob.digest])
+        return blob
+
+    async def _confirm(self, request: BlobRequest) -> None:
+        """The upstream's yes for this scope, or its refusal raised. A fill by name needs none: its
+        key (an object's name within a bucket or an allowed prefix) belongs to one scope."""
+        if request.confirm is not None:
+            await request.confirm()
+        elif request.name is None:
+            await confirm_by_opening(request.opener, self.pools)
+
+    async def _head_miss(self, request: BlobRequest) -> _Opened:
+        """A HEAD of something not cached: its size from a fill this scope may read, else from the
+        upstream's confirmation or announcement. A HEAD never starts a fill."""
+        fill = self._filler.inflight(request.fill_key)
+        if fill is not None and request.scope in fill.scopes:
+            size = await fill.opened()
+            if size is not None:
+                return _Opened(None, size, Outcome.MISS, joined=True)
+        size = await request.confirm() if request.confirm is not None else request.size
+        if size is None:
+            raise FetchFailed("the upstream announced no size")
+        return _Opened(None, size, Outcome.MISS)
+
+    async def _attach(self, request: BlobRequest) -> tuple[Fill, bool]:
+        """The fill in flight for the key, once the upstream confirmed this scope may read what it
+        brings (joined), or a new fill."""
+        fill = self._filler.inflight(request.fill_key)
+        if fill is None:
+            fill = self._filler.start(
+                FillPlan(
+                    request.fill_key, request.opener, request.origin, request.scope, request.fill_digest,
+                    expected_size=request.size, check=request.check,
+                )
+            )
+            if request.after_commit is not None:
+                fill.after_commit.append(request.after_commit)
+            return fill, False
+        if request.scope not in fill.scopes:
+            await self._confirm(request)
+            fill.scopes.add(request.scope)
+            if fill.blob is not None:  # committed while the upstream was asked: admit it here
+                await self.admit(request.scope, [fill.blob.digest])
+        fill.stats.followers += 1
+        return fill, True
+
+    async def _verified(self, fill: Fill, digest: Digest) -> None:
+        """Admit the scopes that read the fill before its file appears, so that whoever finds the
+        file finds it readable under their scope too."""
+        try:
+            for scope in list(fill.scopes):
+                await self.admit(scope, [digest])
+        except Exception:  # _committed tries again
+            log.exception("could not admit the readers of %s", digest)
+
+    async def _committed(self, fill: Fill, blob: BlobFile, origin: Origin, fetched_here: bool) -> None:
+        """Index the blob (when this process fetched it), admit every scope that read the fill, and
+        run the requests' own follow-ups (naming the digest under an object's key)."""
+        try:
+            if fetched_here:
+                await self.pools.index(
+                    self.index.blobs.add, str(blob.digest), blob.size, source=origin.source, upstream=origin.upstream
+                )
+            for scope in list(fill.scopes):
+                await self.admit(scope, [blob.digest])
+        except Exception:  # the file is valid; the sweep indexes it again, the upstream re-admits
+            log.exception("could not index %s", blob.digest)
+        for hook in fill.after_commit:
+            try:
+                await hook(blob)
+            except Exception:
+                log.exception("could not record what %s was fetched for", blob.digest)
+
+    # -- the door: small objects ---------------------------------------------------------------
+    async def small(self, request: SmallRequest, *, method: str | None) -> SmallObject:
+        """A small object for one caller, counted once (a hit when its bytes came from the cache),
+        or for a prefetch (`method` None), uncounted."""
+        try:
+            item = await self._small_readable(request)
+            outcome = Outcome.HIT
+            if item is None:
+                outcome = Outcome.MISS
+                item = await self._small_fetches.run((request.scope, request.digest), lambda: self._fetch_small(request))
+        except Exception as exc:  # noqa: BLE001
+            raise request.translate(exc) from None
+        self._count(request.origin, request.scope, outcome, method, len(item.data))
+        return item
+
+    async def _small_readable(self, request: SmallRequest) -> SmallObject | None:
+        item = await self._cached_small(request.digest)
+        if item is None:
+            return None
+        if not await self.admitted(request.scope, request.digest):
+            if request.confirm is None:
+                return None
+            await request.confirm()
+            await self.admit(request.scope, [request.digest])
+        self._access.touch(request.digest)
+        return item
+
+    async def _fetch_small(self, request: SmallRequest) -> SmallObject:
+        data, media_type = await request.fetch()
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != request.digest.hex:
+            log.warning("upstream sent bytes for %s that hash to sha256:%s", request.digest, actual)
+            raise DigestMismatch(f"upstream sent bytes that do not match {request.digest}")
+        self._events.fetched(request.origin, len(data))
+        return await self.put_small(request.scope, request.origin, data, request.digest, media_type)
+
+    async def document(
+        self,
+        scope: ReadScope,
+        origin: Origin,
+        name: tuple[str, str],
+        *,
+        ttl: float | None,
+        fetch: Callable[[], Awaitable[Document]],
+        method: str | None,
+        translate: Translate,
+    ) -> tuple[SmallObject, Reference]:
+        """An answer named by (source, key), fetched whole: fresh from the cache, else fetched again,
+        else the last one while the upstream is unreachable. Counted once."""
+
+        async def usable(ref: Reference) -> bool:
+            return bool(ref.digest) and await self.get_small(scope, Digest.parse(ref.digest)) is not None
+
+        async def revalidate(_previous: Reference | None) -> Found:
+            document = await fetch()
+            digest = Digest.from_hex(hashlib.sha256(document.data).hexdigest())
+            self._events.fetched(origin, len(document.data))
+            await self.put_small(scope, origin, document.data, digest, document.media_type)
+            return Found(str(digest), meta=document.meta)
+
+        try:
+            resolved = await self.freshness.resolve(*name, ttl=ttl, revalidate=revalidate, usable=usable)
+            item = await self.get_small(scope, Digest.parse(resolved.ref.digest))
+            if item is None:
+                raise FetchFailed(f"{name[1][:200]} was purged while it was read")
+        except Exception as exc:  # noqa: BLE001
+            raise translate(exc) from None
+        self._count(origin, scope, Outcome.HIT if resolved.from_cache else Outcome.MISS, method, len(item.data))
+        return item, resolved.ref
+
+    async def get_small(self, scope: ReadScope, digest: Digest) -> SmallObject | None:
+        """A small object this scope may read, uncounted (for a source's own bookkeeping)."""
+        item = await self._cached_small(digest)
+        if item is None or not await self.admitted(scope, digest):
+            return None
+        self._access.touch(digest)
+        return item
+
+    async def put_small(self, scope: ReadScope, origin: Origin, data: bytes, digest: Digest, media_type: str | None) -> SmallObject:
+        """Store verified bytes (checked against `digest`) with their media type, admitted to `scope`.
+
+        The object is in memory before its file appears, so a concurrent reader never finds the
+        file without the media type that goes with it."""
+        item = SmallObject(digest, data, media_type)
+        self._small.put(item)
+        await self.pools.files(self.files.put_bytes, data, digest)
+        await self.pools.index(
+            self.index.blobs.add, str(digest), len(data), media_type, source=origin.source, upstream=origin.upstream
+        )
+        await self.admit(scope, [digest])
+        return item
+
+    async def _cached_small(self, digest: Digest) -> SmallObject | None:
+        item = self._small.get(digest)
+        if item is None:
+            item = await self.pools.files(self._load_small, digest)
+            if item is not None:
+                self._small.put(item)
+        return item
+
+    def _load_small(self, digest: Digest) -> SmallObject | None:
+        data = self.files.read_bytes(digest)
+        if data is None:
+            return None
+        record = self.index.blobs.get(str(digest))
+        if record is None or record.media_type is None:
+            return None  # written by another process that has not indexed it yet: fetch it again
+        return SmallObject(digest, data, record.media_type)
+
+    def _count(self, origin: Origin, scope: ReadScope, outcome: Outcome, method: str | None, nbytes: int) -> None:
+        if method is None:
+            return  # a prefetch, not a client's request
+        self._events.request(origin, scope, outcome, joined=False)
+        if outcome is Outcome.HIT and method == "GET":
+            self._events.sent_from_cache(origin, scope, nbytes)
+
+    # -- read scopes -----------------------------------------------------------------------------
+    async def holds(self, scope: ReadScope, digest: Digest) -> bool:
+        """Whether the blob is committed and this scope may read it: served without the upstream."""
+        return await self.pools.files(self.files.stat, digest) is not None and await self.admitted(scope, digest)
+
+    async def admitted(self, scope: ReadScope, digest: Digest) -> bool:
+        if self._admitted.known(scope, digest):
+            return True
+        if await self.pools.index(self.index.blobs.admitted, str(scope), str(digest)):
+            self._admitted.remember(scope, digest)
+            return True
+        return False
+
+    async def admit(self, scope: ReadScope, digests: Iterable[Digest]) -> None:
+        """Record that `scope` may read these digests: the upstream confirmed it (a fill from that
+        scope, a manifest of that repository listing them, an upstream HEAD)."""
+        new = [d for d in dict.fromkeys(digests) if not self._admitted.known(scope, d)]
+        if not new:
+            return
+        await self.pools.index(self.index.blobs.admit, str(scope), [str(d) for d in new])
+        for digest in new:
+            self._admitted.remember(scope, digest)
+
+    # -- pins and access times ---------------------------------------------------------------------
+    async def pin(self, name: str, digests: list[str]) -> None:
+        await self.pools.index(self.index.pins.replace, name, digests)
+
+    async def pinned(self) -> dict[str, set[str]]:
+        return await self.pools.index(self.index.pins.all)
+
+    async def flush_access(self) -> None:
+        for digest in self._in_use.digests():
+            self._access.touch(digest, hit=False)
+        batch = self._access.take()
+        if batch:
+            await self.pools.index(self.index.blobs.record_access, batch)
+
+    async def _flush_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(ACCESS_FLUSH_SECONDS)
+            try:
+                await self.flush_access()
+            except Exception:
+                log.exception("could not write access times")
