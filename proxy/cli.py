@@ -333,9 +333,17 @@ def prefetch(config_file: str | None, cache_dir: str | None, database_url: str |
 @_setting_options
 @click.argument("resource")
 @click.option("--to", "destination", required=True, type=click.Path(file_okay=False), help="Where to lay the files out.")
-def materialize(config_file: str | None, cache_dir: str | None, database_url: str | None, resource: str, destination: str) -> None:
-    """Lay a resource out as files under --to (hard links from the cache, copies across file systems);
-    an image becomes an OCI image layout."""
+@click.option(
+    "--link", is_flag=True,
+    help="Hard-link the files to the cache's instead of copying them. Saves the space and the copy, "
+         "but a job that writes to a linked file (root ignores its read-only mode) changes the bytes "
+         "the cache then serves to every client under their old digest: only for jobs that never write.",
+)
+def materialize(
+    config_file: str | None, cache_dir: str | None, database_url: str | None, resource: str, destination: str, link: bool
+) -> None:
+    """Lay a resource out as files under --to: copies of the cache's files (reflinks where the file
+    system can), or hard links with --link; an image becomes an OCI image layout."""
     import asyncio
     from pathlib import Path
 
@@ -347,7 +355,7 @@ def materialize(config_file: str | None, cache_dir: str | None, database_url: st
     async def run() -> list[Path]:
         async with running(settings) as runtime:
             fetched = await fetch(runtime, resource)
-        return lay_out(settings, fetched, Path(destination))
+        return lay_out(settings, fetched, Path(destination), link=link)
 
     try:
         written = asyncio.run(run())

@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
@@ -289,22 +289,39 @@ class Settings(BaseSettings):
     index_threads: int = Field(default=8, ge=1, le=64)  # index queries at once
     file_threads: int = Field(default=16, ge=1, le=256)  # file opens, syncs, renames and rehashes at once
 
-    @model_validator(mode="after")
-    def _check(self) -> Settings:
-        host, sep, port = self.listen.rpartition(":")
+    # Field validators, so that a bad value's message names its key (`listen: …`).
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, listen: str) -> str:
+        host, sep, port = listen.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"listen {self.listen!r} must be HOST:PORT")
-        names = [r.name for r in self.registries]
+            raise ValueError(f"{listen!r} must be HOST:PORT")
+        return listen
+
+    @field_validator("registries")
+    @classmethod
+    def _registries(cls, registries: list[RegistryConfig]) -> list[RegistryConfig]:
+        names = [r.name for r in registries]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
-            raise ValueError(f"registries: name {duplicates[0]!r} appears twice")
-        if sum(r.default for r in self.registries) > 1:
-            raise ValueError("registries: only one registry may have default = true")
-        if self.node is not None and not _NODE_NAME.fullmatch(self.node):
-            raise ValueError(f"node {self.node!r}: use letters, digits, '.', '_' and '-' (at most 200)")
-        if self.fill_lease < 1:
-            raise ValueError("fill_lease must be at least 1s")
-        return self
+            raise ValueError(f"name {duplicates[0]!r} appears twice")
+        if sum(r.default for r in registries) > 1:
+            raise ValueError("only one registry may have default = true")
+        return registries
+
+    @field_validator("node")
+    @classmethod
+    def _node(cls, node: str | None) -> str | None:
+        if node is not None and not _NODE_NAME.fullmatch(node):
+            raise ValueError(f"{node!r}: use letters, digits, '.', '_' and '-' (at most 200)")
+        return node
+
+    @field_validator("fill_lease")
+    @classmethod
+    def _fill_lease(cls, seconds: float) -> float:
+        if seconds < 1:
+            raise ValueError("must be at least 1s")
+        return seconds
 
     @property
     def node_name(self) -> str:

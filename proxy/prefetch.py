@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import shutil
@@ -45,10 +46,11 @@ async def fetch_set(runtime: Runtime, name: str) -> dict[str, object]:
     return await sets.prefetch(name)
 
 
-def materialize(settings: Settings, fetched: Fetched, destination: Path) -> list[Path]:
-    """Lay the resource out under `destination`: hard links into the cache when it is on the same
-    file system (blob files are read-only, so a job cannot change the cache through them), copies
-    otherwise. An image becomes an OCI image layout."""
+def materialize(settings: Settings, fetched: Fetched, destination: Path, *, link: bool = False) -> list[Path]:
+    """Lay the resource out under `destination` as copies (reflinks where the file system can), or
+    with `link` as hard links into the cache: no copy, but a job that writes to one (root ignores
+    the files' 0444) changes the cached bytes every other client is then served. An image becomes
+    an OCI image layout."""
     destination.mkdir(parents=True, exist_ok=True)
     written = []
     store = BlobStore(settings.cache_dir)
@@ -56,7 +58,7 @@ def materialize(settings: Settings, fetched: Fetched, destination: Path) -> list
         target = (destination / file.path).resolve()
         if destination.resolve() not in target.parents:
             raise ResourceError(f"{file.path}: refusing a path outside {destination}")
-        _place(store.path_for(Digest.parse(file.digest)), target)
+        _place(store.path_for(Digest.parse(file.digest)), target, link=link)
         written.append(target)
     if fetched.layout == "oci":
         top_path, top_digest, top_size = fetched.files[0].path, fetched.files[0].digest, fetched.files[0].size
@@ -72,15 +74,27 @@ def materialize(settings: Settings, fetched: Fetched, destination: Path) -> list
     return written
 
 
-def _place(source: Path, target: Path) -> None:
+def _place(source: Path, target: Path, *, link: bool) -> None:
+    """A copy of the cache's file at `target` (a reflink where the file system shares blocks, so
+    it costs no space and no time), or with `link` a hard link: the same inode as the cache's."""
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists():
         if os.path.samefile(source, target):
-            return
+            if link:
+                return
         target.unlink()
-    try:
-        os.link(source, target)
-    except OSError as exc:
-        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
-            raise
-        shutil.copyfile(source, target)
+    if link:
+        try:
+            os.link(source, target)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                raise
+    with open(source, "rb") as src, open(target, "wb") as dst:
+        try:
+            fcntl.ioctl(dst.fileno(), FICLONE, src.fileno())
+        except OSError:
+            shutil.copyfileobj(src, dst, 16 * 1024 * 1024)  # copy_file_range underneath on Linux
+
+
+FICLONE = 0x40049409  # ioctl: share the source's blocks (btrfs, XFS); any other file system refuses

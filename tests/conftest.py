@@ -41,6 +41,28 @@ def require_tool(name: str) -> str:
     return path
 
 
+def require_module(name: str) -> None:
+    """Skip a test whose Python module is missing, or fail it under PULLTHROUGH_REQUIRE_REAL=1."""
+    import importlib.util
+
+    if importlib.util.find_spec(name) is None:
+        message = f"the Python module {name} is not installed (tests/run.sh installs the test extras)"
+        if REQUIRE_REAL:
+            pytest.fail(message + "; PULLTHROUGH_REQUIRE_REAL=1 makes a missing component a failure", pytrace=False)
+        pytest.skip(message)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):  # type: ignore[no-untyped-def]
+    """Under PULLTHROUGH_REQUIRE_REAL=1 (CI) a skipped test is a failed one, whatever skipped it."""
+    outcome = yield
+    report = outcome.get_result()
+    if REQUIRE_REAL and report.skipped and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.longrepr = f"skipped, and PULLTHROUGH_REQUIRE_REAL=1 makes every skip a failure: {reason}"
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _stop_leftover_processes():
     yield

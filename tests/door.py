@@ -80,7 +80,7 @@ class Events:
 
     requests: list[tuple[str, Outcome, bool]] = field(default_factory=list)
     sent: int = 0
-    fetched: int = 0
+    fetched_bytes: int = 0
     fills: list[tuple[int, bool]] = field(default_factory=list)
 
     def request(self, origin: Origin, scope: ReadScope, outcome: Outcome, *, joined: bool) -> None:
@@ -90,7 +90,7 @@ class Events:
         self.sent += nbytes
 
     def fetched(self, origin: Origin, nbytes: int) -> None:
-        self.fetched += nbytes
+        self.fetched_bytes += nbytes
 
     def fill_finished(self, origin: Origin, nbytes: int, seconds: float, ok: bool) -> None:
         self.fills.append((nbytes, ok))

@@ -7,6 +7,7 @@ still gets the right bytes. The janitors of the three nodes never run at the sam
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 import time
@@ -173,22 +174,41 @@ def test_the_janitors_of_three_nodes_never_run_at_the_same_time(upstream: Distri
     nodes = start_fleet(upstream.url, purge_interval="0.2s")
     for node in nodes:  # something for the janitors to look at
         assert httpx.get(f"{node.url}/v2/library/big/blobs/{layer.digest}", timeout=60).status_code == 200
-    time.sleep(3)  # about 15 periodic passes a node would start
-    index = Index(make_engine(database))
-    with index.exclusive("janitor") as held:  # a fourth janitor, in this process, for 2 s
-        assert held
-        held_from = time.time()
-        time.sleep(2)
-        held_until = time.time()
-    time.sleep(2)
-    index.engine.dispose()
     engine = create_engine(database)
-    with Session(engine) as session:
-        passes = [(row.started_at, row.finished_at) for row in session.scalars(select(PurgeRow).order_by(PurgeRow.started_at))]
+
+    def passes() -> list[tuple[float, float]]:
+        with Session(engine) as session:
+            return [(row.started_at, row.finished_at) for row in session.scalars(select(PurgeRow).order_by(PurgeRow.started_at))]
+
+    def stood_aside() -> int:
+        return sum(node.log_text().count("another janitor is running") for node in nodes)
+
+    wait_until(lambda: len(passes()) >= 10, "ten periodic passes")
+    index = Index(make_engine(database))
+    # A fourth janitor, in this process: it takes the lock when no node holds it (a node may at
+    # any instant), and holds it until every node has tried meanwhile and stood aside.
+    with contextlib.ExitStack() as stack:
+        deadline = time.monotonic() + 30
+        while not stack.enter_context(index.exclusive("janitor")):
+            stack.close()
+            assert time.monotonic() < deadline, "the janitor lock was never free"
+            time.sleep(0.01)
+        held_from = time.time()
+        before, asides = len(passes()), stood_aside()
+        wait_until(lambda: stood_aside() >= asides + 3, "three passes standing aside")
+        held_until = time.time()
+        assert len(passes()) == before  # no pass ran while this one held the lock
+    index.engine.dispose()
+    wait_until(lambda: len(passes()) >= before + 3, "passes again once the lock is free")
+    recorded = passes()
     engine.dispose()
-    assert len(passes) >= 10, passes
-    overlaps = [(a, b) for a, b in zip(passes, passes[1:]) if b[0] < a[1]]
+    overlaps = [(a, b) for a, b in zip(recorded, recorded[1:]) if b[0] < a[1]]
     assert overlaps == []
-    assert [p for p in passes if held_from < p[0] < held_until] == []  # none ran while this one held the lock
-    skipped = sum(node.log_text().count("another janitor is running") for node in nodes)
-    assert skipped >= 3  # every node tried meanwhile, and stood aside
+    assert [p for p in recorded if held_from < p[0] < held_until] == []
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        time.sleep(0.05)

@@ -11,19 +11,19 @@ behaviour (Xet, gating, pagination), which is what makes the pullthrough tests m
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import random
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import require_tool
+from tests.conftest import require_module, require_tool
 from tests.servers.fake_hub import FakeHub, git_blob_sha1
 from tests.servers.ports import free_port
 from tests.servers.pullthrough import Pullthrough, render_config
@@ -118,7 +118,7 @@ def hub(tmp_path) -> FakeHub:
 
 
 def start_pullthrough(tmp_path: Path, hub: FakeHub, *, revision_ttl: str = "5m", token_env: str | None = None,
-                      env: dict[str, str] | None = None, name: str = "pt") -> Pullthrough:
+                      env: dict[str, str] | None = None, name: str = "pt", access_ttl: str | None = None) -> Pullthrough:
     """Pullthrough.start cannot write a TOML table, so the `[hf]` table is appended here."""
     cache_dir = tmp_path / name
     workdir = tmp_path / f"{name}.run"
@@ -128,6 +128,8 @@ def start_pullthrough(tmp_path: Path, hub: FakeHub, *, revision_ttl: str = "5m",
     hf = [f'url = "{hub.url}"', f'revision_ttl = "{revision_ttl}"']
     if token_env:
         hf.append(f'token_env = "{token_env}"')
+    if access_ttl:
+        hf.append(f'access_ttl = "{access_ttl}"')
     text = render_config(top, []) + "\n[hf]\n" + "\n".join(hf) + "\n"
     child_env = {k: v for k, v in os.environ.items() if not k.startswith(("PULLTHROUGH_", "HF_"))}
     child_env.update(env or {})
@@ -341,6 +343,22 @@ def test_fake_hub_xet_repo_sends_the_client_to_a_xet_cas(hub, direct):
     assert hub.count(kind="xet-bridge") == 0
 
 
+def test_fake_hub_answers_private_missing_pr_and_unavailable_like_the_hub(hub, direct):
+    private = direct.run("download", repo=PRIVATE, filename="config.json")
+    assert not private["ok"] and "RepositoryNotFoundError" in private["mro"], private
+    assert direct.ok("download", repo=PRIVATE, filename="config.json", token=ALICE)["sha256"] == \
+        sha256(hub.repo(PRIVATE).files()["config.json"])
+    missing = direct.run("download", repo=MODEL, filename="does-not-exist.json")
+    assert "EntryNotFoundError" in missing["mro"], missing
+    revision = direct.run("download", repo=MODEL, filename="config.json", revision="no-such-branch")
+    assert revision["error"] == "RevisionNotFoundError", revision
+    pr = direct.ok("download", repo=MODEL, filename="pr-only.txt", revision="refs/pr/1")
+    assert pr["sha256"] == sha256(b"from pr 1\n") and pr["commit"] == hub.repo(MODEL).commit("refs/pr/1")
+    hub.unavailable = True
+    down = direct.run("info", repo=MODEL)
+    assert (down["ok"], down["status"]) == (False, 503) and "HfHubHTTPError" in down["mro"], down
+
+
 def test_fake_hub_gated_repo_answers_like_the_hub(hub, direct):
     anonymous = direct.run("download", repo=GATED, filename="config.json")
     assert (anonymous["error"], anonymous["status"]) == ("GatedRepoError", 401)
@@ -417,19 +435,32 @@ def test_snapshot_download_is_complete_and_a_second_one_into_an_empty_cache_down
 
 
 def test_concurrent_cold_downloads_of_one_file_make_one_upstream_download(hub, pt, client, tmp_path):
-    hub.cdn_rate = 2 * 1024 * 1024  # the 3 MiB file takes about 1.5 s upstream
+    # The CDN holds the body until all three clients' GETs are answered (their responses start as
+    # they join the fill): they overlap for certain, and the coalesced count says the other two
+    # joined the first one's fill (their HEADs too, when they came after the fill began).
+    hub.cdn_gate = threading.Event()
+    get_line = f'"GET /{MODEL}/resolve/main/model.safetensors HTTP/1.1" 200'
     procs = []
     for n in range(3):
         env, home = client.env()
         procs.append(subprocess.Popen([sys.executable, "-c", CLIENT, "download", json.dumps(
             {"repo": MODEL, "filename": "model.safetensors"})], env=env, cwd=home, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True))
+    try:
+        deadline = time.monotonic() + 60
+        while pt.log_text().count(get_line) < 3:
+            assert time.monotonic() < deadline, "the three clients never all joined the one fill"
+            assert all(proc.poll() is None for proc in procs), "a client ended while the CDN held the file"
+            time.sleep(0.05)
+    finally:
+        hub.cdn_gate.set()
     expected = sha256(hub.repo(MODEL).files()["model.safetensors"])
     for proc in procs:
         out, err = proc.communicate(timeout=90)
         result = json.loads(out.split("@@RESULT@@", 1)[1])
         assert result["ok"] and result["value"]["sha256"] == expected, (result, err[-2000:])
     assert hub.count(kind="lfs", method="GET", path="model.safetensors") == 1, upstream_file_downloads(hub)
+    assert 2 <= httpx.get(f"{pt.url}/stats", timeout=10).json()["coalesced"] <= 4
 
 
 def test_warm_snapshot_within_revision_ttl_sends_nothing_upstream(hub, pt, client):
@@ -490,8 +521,7 @@ def test_gated_repo_metadata_is_public_as_on_the_hub(hub, pt, client, direct):
 
 @pytest.mark.timeout(240)
 def test_transformers_autoconfig_and_autotokenizer(hub, pt, client):
-    if importlib.util.find_spec("transformers") is None:
-        pytest.skip("transformers is not installed (pip install transformers, no torch needed)")
+    require_module("transformers")  # no torch needed
     value = client.ok("transformers", repo=BERT, timeout=180)
     assert value == {"model_type": "bert", "hidden_size": 8, "ids": [2, 3]}
 
@@ -560,6 +590,41 @@ def test_private_repo_is_invisible_without_an_authorized_token(hub, pt, client):
         assert not denied["ok"] and "RepositoryNotFoundError" in denied["mro"], denied
         info = client.run("info", repo=PRIVATE, token=token)
         assert not info["ok"] and "RepositoryNotFoundError" in info["mro"], info
+
+
+def test_a_callers_access_is_trusted_for_access_ttl_then_asked_again(hub, pullthrough_hf, tmp_path):
+    server = pullthrough_hf(access_ttl="3s")
+    url = f"{server.url}/{GATED}/resolve/main/model.safetensors"
+    alice = {"Authorization": f"Bearer {ALICE}"}
+    assert httpx.get(url, headers=alice, timeout=30).status_code == 200
+    checked_at = time.monotonic()
+    checks = hub.count(kind="auth-check")
+    hub.repo(GATED).authorized_tokens.discard(ALICE)  # the Hub revokes her access
+    assert httpx.get(url, headers=alice, timeout=30).status_code == 200  # inside access_ttl: not asked again
+    assert time.monotonic() - checked_at < 3, "the machine was too slow to ask inside access_ttl"
+    assert hub.count(kind="auth-check") == checks
+    while time.monotonic() - checked_at < 3.2:
+        time.sleep(0.05)  # access_ttl runs out
+    refused = httpx.get(url, headers=alice, timeout=30)
+    assert (refused.status_code, refused.headers.get("x-error-code")) == (403, "GatedRepo")
+    assert hub.count(kind="auth-check") == checks + 1
+
+
+def test_a_caller_the_hub_cannot_be_asked_about_is_refused_and_that_is_not_remembered(hub, pt):
+    url = f"{pt.url}/{GATED}/resolve/main/model.safetensors"
+    assert httpx.get(url, headers={"Authorization": f"Bearer {ALICE}"}, timeout=30).status_code == 200
+    hub.unavailable = True
+    bob = httpx.get(url, headers={"Authorization": f"Bearer {BOB}"}, timeout=30)
+    assert bob.status_code == 503 and b"cannot verify access" in bob.content
+    alice = httpx.get(url, headers={"Authorization": f"Bearer {ALICE}"}, timeout=30)
+    assert alice.status_code == 200 and alice.content == hub.repo(GATED).files()["model.safetensors"]  # checked before
+    hub.unavailable = False
+    hub.repo(GATED).authorized_tokens.add(BOB)  # the Hub answers again, and now grants bob: not a cached refusal
+    deadline = time.monotonic() + 30
+    while (bob := httpx.get(url, headers={"Authorization": f"Bearer {BOB}"}, timeout=30)).status_code == 503:
+        assert time.monotonic() < deadline, "the refusal during the outage was remembered"
+        time.sleep(0.2)  # the mirror fails fast for a few seconds after the Hub failed
+    assert bob.status_code == 200
 
 
 def test_auth_check_passes_the_callers_answer_through(hub, pt, client):

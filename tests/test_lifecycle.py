@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -99,6 +100,19 @@ def test_pinned_entries_outlive_their_ttl(cache: Cache) -> None:
     assert cache.present(pinned)
 
 
+def test_below_min_free_the_least_recently_used_go_until_that_much_space_is_free(cache: Cache) -> None:
+    blob = 4 * 1024 * 1024
+    digests = [cache.add(os.urandom(blob), age=(10 - n) * 3600) for n in range(4)]  # oldest first
+    pinned = cache.add(os.urandom(blob), age=20 * 3600)
+    cache.index.pins.add("market-a", [pinned])
+    free = shutil.disk_usage(cache.root).free
+    # 6 MiB short of the floor: two 4 MiB blobs must go, the least recently used, never the pinned one
+    # (the 2 MiB either side absorb what other processes write meanwhile).
+    result = Janitor(cache.store, cache.index, Policy(default_ttl=30 * DAY, min_free=free + 6 * 1024 * 1024)).purge()
+    assert [d for d, _ in result.removed] == digests[:2]
+    assert [cache.present(d) for d in digests] == [False, False, True, True] and cache.present(pinned)
+
+
 def test_nothing_read_within_the_grace_period_goes_even_to_meet_the_cap(cache: Cache) -> None:
     in_use = cache.add(b"being read", age=5)
     result = Janitor(cache.store, cache.index, Policy(default_ttl=DAY, grace=120)).purge(to_size=0)
@@ -171,10 +185,16 @@ def test_cli_purge_and_verify(cache: Cache) -> None:
 # -- through a running server ---------------------------------------------------------------------
 
 def pull_blob(pt, upstream, ref: str = "library/single:1") -> int:  # type: ignore[no-untyped-def]
+    """GET the image's first layer; returns once the blob is committed, so that the next pull is a
+    hit (a client has every byte before the commit, which follows the verified last byte)."""
     layer = upstream.images[ref].layers[0]
     name = ref.split(":")[0]
     response = httpx.get(f"{pt.url}/v2/{name}/blobs/{layer.digest}", timeout=60)
     assert response.status_code == 200 and "sha256:" + hashlib.sha256(response.content).hexdigest() == layer.digest
+    deadline = time.monotonic() + 30
+    while not pt.blob_path(layer.digest).exists():
+        assert time.monotonic() < deadline, f"{layer.digest} was never committed"
+        time.sleep(0.02)
     return layer.size
 
 
@@ -205,6 +225,20 @@ def test_metrics_speak_prometheus_and_agree_with_stats(upstream, pullthrough) ->
     assert "pullthrough_fill_seconds_bucket" in text
     stats = httpx.get(f"{pt.url}/stats", timeout=10).json()
     assert f"pullthrough_cache_bytes {float(stats['cache']['bytes'])}" in text
+
+
+def test_admin_purge_dry_run_says_what_would_go_and_removes_nothing(pullthrough, tmp_path: Path, index_url: str) -> None:  # type: ignore[no-untyped-def]
+    cache = Cache(tmp_path / "cache", index_url)
+    stale = cache.add(b"unused for two days", age=2 * DAY)
+    fresh = cache.add(b"read an hour ago", age=3600)
+    pt = pullthrough(cache_dir=cache.root, database_url=index_url, admin_token="s3cret-admin")
+    auth = {"Authorization": "Bearer s3cret-admin"}
+    dry = httpx.post(f"{pt.url}/admin/purge", params={"dry_run": "1"}, headers=auth, timeout=30).json()
+    assert (dry["dry_run"], dry["blobs_removed"], dry["bytes_removed"]) == (True, 1, len(b"unused for two days"))
+    assert cache.present(stale) and cache.present(fresh)
+    real = httpx.post(f"{pt.url}/admin/purge", headers=auth, timeout=30).json()
+    assert (real["dry_run"], real["blobs_removed"]) == (False, 1)
+    assert not cache.present(stale) and cache.present(fresh)
 
 
 def test_admin_endpoints_are_off_without_a_token_and_need_it_when_set(upstream, pullthrough, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import default_registries
+from tests.conftest import default_registries, drop_postgres_database, fresh_postgres_database
 from tests.images import sha256_digest
 from tests.servers.pullthrough import Pullthrough
 
@@ -166,10 +166,14 @@ def sandbox(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(upstream, sandbox, tmp_path_factory):
+    # Started here (module-wide), so the PostgreSQL pass's database is made here too.
+    database = fresh_postgres_database() if os.environ.get("PULLTHROUGH_TEST_DATABASE") == "postgresql" else None
     pt = Pullthrough.start(sandbox / "cache", default_registries(upstream),
-                           workdir=tmp_path_factory.mktemp("hostile-run"))
+                           workdir=tmp_path_factory.mktemp("hostile-run"), database_url=database)
     yield pt
     pt.stop()
+    if database is not None:
+        drop_postgres_database(database)
 
 
 def send(server: Pullthrough, method: str, target: str, headers: tuple[tuple[str, str], ...] = ()) -> httpx.Response:

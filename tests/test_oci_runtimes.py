@@ -7,6 +7,7 @@ blob once on a cold pull and none on a warm one.
 
 from __future__ import annotations
 
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,7 +22,7 @@ from tests.servers.dockerd import Dockerd
 from tests.servers.podman import Podman
 from tests.servers.pullthrough import Pullthrough
 from tests.servers.ports import free_port
-from tests.servers.registry import AccessEntry, Distribution
+from tests.servers.registry import AccessEntry, Distribution, ThrottledRelay
 
 pytestmark = [pytest.mark.real, pytest.mark.timeout(120)]
 
@@ -109,7 +110,10 @@ def assert_cold_pull_went_through_pullthrough(upstream: Distribution, entries: l
     counts = blob_get_counts(entries)
     assert {d: counts.get(d, 0) for d in digests} == {d: 1 for d in digests}, (
         f"upstream blob GETs per digest on the cold pull: {counts}")
-    missing = [d for d in digests if not cached_blob_path(server, d).is_file()]
+    # The commit follows the verified last byte the runtime already has: wait for it.
+    deadline = time.monotonic() + 30
+    while (missing := [d for d in digests if not cached_blob_path(server, d).is_file()]) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert not missing, f"not in pullthrough's cache after the pull: {missing}"
 
 
@@ -353,11 +357,14 @@ def test_podman_path_prefix_mirror_routes_to_the_named_registry(upstream, pullth
 # -- all three at once -----------------------------------------------------------------------------------
 
 def test_concurrent_cold_pulls_by_containerd_dockerd_and_podman_fetch_each_blob_upstream_once(
-        upstream, pullthrough, containerd, start_dockerd, create_podman, tmp_path):
+        upstream, pullthrough, containerd, start_dockerd, create_podman, tmp_path, request):
     # Three clients asking for the same cold manifest and blobs in their own ways at once (HEAD by
     # tag with ?ns=, HEAD by tag then GET by digest, GET by tag): each must get the upstream's bytes
     # and media type, and the upstream must still see each blob once.
-    server = pullthrough()
+    # A slow link keeps the 32 MiB layer's fill in flight for seconds, so the three pulls overlap.
+    relay = ThrottledRelay(upstream.port, rate=4 << 20)
+    request.addfinalizer(relay.close)
+    server = pullthrough([{"name": "docker.io", "url": relay.url, "default": True, "tag_ttl": "1h"}])
     image = upstream.images["library/big:1"]
     hosts_dir = write_hosts_dir(tmp_path / "hosts", "docker.io", server.url)
     daemon = start_dockerd(server.url)
@@ -379,6 +386,8 @@ def test_concurrent_cold_pulls_by_containerd_dockerd_and_podman_fetch_each_blob_
     assert daemon.inspect_image("library/big:1")["Id"] == image.config.digest
     assert podman.inspect_image("docker.io/library/big:1")["Digest"] == image.manifest_digest
     assert_cold_pull_went_through_pullthrough(upstream, cold, server, image_blobs(upstream, image))
+    # The other two clients joined the first one's fill of the layer rather than waiting or refetching.
+    assert httpx.get(f"{server.url}/stats", timeout=10).json()["coalesced"] >= 2
 
 
 # -- tags after their TTL, and an upstream that is down ------------------------------------------------

@@ -180,36 +180,44 @@ def big_layer(upstream):
 
 
 def test_eight_concurrent_cold_gets_of_one_blob_cause_one_upstream_get(upstream, pullthrough):
-    pt = pullthrough()
-    layer = big_layer(upstream)
-    url = f"{pt.url}/v2/library/big/blobs/{layer.digest}"
-    clients = 8
-    barrier = threading.Barrier(clients)
-    results: list[tuple[int, str, int] | BaseException] = [None] * clients  # type: ignore[list-item]
+    # A slow link keeps the fill in flight for seconds, so the eight requests overlap for certain;
+    # the coalesced count says they did: seven joined the first one's fill.
+    relay = ThrottledRelay(upstream.port, rate=4 << 20)
+    try:
+        pt = pullthrough([{"name": "docker.io", "url": relay.url, "default": True, "tag_ttl": "1h"}])
+        layer = big_layer(upstream)
+        url = f"{pt.url}/v2/library/big/blobs/{layer.digest}"
+        clients = 8
+        barrier = threading.Barrier(clients)
+        results: list[tuple[int, str, int] | BaseException] = [None] * clients  # type: ignore[list-item]
 
-    def fetch(number: int) -> None:
-        try:
-            with httpx.Client(timeout=120) as client:
-                barrier.wait(timeout=30)
-                with client.stream("GET", url) as response:
-                    digest, size = hashlib.sha256(), 0
-                    for chunk in response.iter_bytes():
-                        digest.update(chunk)
-                        size += len(chunk)
-                results[number] = (response.status_code, "sha256:" + digest.hexdigest(), size)
-        except BaseException as exc:  # reported below, with the others
-            results[number] = exc
+        def fetch(number: int) -> None:
+            try:
+                with httpx.Client(timeout=120) as client:
+                    barrier.wait(timeout=30)
+                    with client.stream("GET", url) as response:
+                        digest, size = hashlib.sha256(), 0
+                        for chunk in response.iter_bytes():
+                            digest.update(chunk)
+                            size += len(chunk)
+                    results[number] = (response.status_code, "sha256:" + digest.hexdigest(), size)
+            except BaseException as exc:  # reported below, with the others
+                results[number] = exc
 
-    mark = upstream.mark()
-    threads = [threading.Thread(target=fetch, args=(n,)) for n in range(clients)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=180)
+        mark = upstream.mark()
+        threads = [threading.Thread(target=fetch, args=(n,)) for n in range(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=180)
 
-    assert results == [(200, layer.digest, layer.size)] * clients
-    gets = upstream.wait_requests(mark, blob_get(layer.digest), count=1, settle=1.0)
-    assert len(gets) == 1, gets
+        assert results == [(200, layer.digest, layer.size)] * clients
+        gets = upstream.wait_requests(mark, blob_get(layer.digest), count=1, settle=1.0)
+        assert len(gets) == 1, gets
+        stats = httpx.get(f"{pt.url}/stats", timeout=10).json()
+        assert (stats["misses"], stats["coalesced"]) == (clients, clients - 1)
+    finally:
+        relay.close()
 
 
 def test_cold_get_moves_blob_size_from_upstream_once(upstream, pullthrough):

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import require_tool
+from tests.conftest import require_module, require_tool
 from tests.images import ACCEPT_ALL, KIB, ImageInfo, ImageSpec, build_layout, inspect_remote, sha256_digest
 from tests.servers.pullthrough import Pullthrough
 from tests.servers.registry import AccessEntry, Distribution
@@ -365,16 +365,13 @@ def test_credentials_and_tokens_never_reach_the_log_or_the_cache_dir(protected, 
 # -- Basic auth directly ------------------------------------------------------------------------------------
 
 def _htpasswd_line(username: str, password: str) -> str:
-    import warnings
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        try:
-            import crypt  # libxcrypt does bcrypt ($2b$), the only format distribution's htpasswd reads
-        except ImportError:  # Python 3.13 dropped the module
-            pytest.skip("no crypt module to make a bcrypt htpasswd entry")
-    hashed = crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=1 << 4))
-    if not hashed or not hashed.startswith("$2"):
-        pytest.skip("this libc's crypt() cannot make bcrypt hashes")
+    """An htpasswd entry in bcrypt, the only format distribution's htpasswd reads (the `bcrypt`
+    package: Python 3.13 has no crypt module)."""
+    require_module("bcrypt")
+    import bcrypt
+
+    hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=4)).decode()
+    assert hashed.startswith("$2b$")
     return f"{username}:{hashed}\n"
 
 

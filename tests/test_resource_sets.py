@@ -4,6 +4,7 @@ down, kept by a purge with a tiny cap; and the prefetch and materialize commands
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -11,11 +12,13 @@ import time
 
 import httpx
 import pytest
+from multiformats import CID, multihash
 
 from tests.conftest import require_tool
 from tests.images import KIB, ImageSpec, publish, skopeo
 from tests.servers.fake_hub import FakeHub
 from tests.servers.moto import MotoS3
+from tests.servers.nginx import Nginx
 from tests.servers.registry import Distribution
 
 MARKET = "97G9NnvBDQ2WpKu6fasoMsAKmfj63C9rhysJnkeWodAf"
@@ -157,9 +160,20 @@ def test_prefetch_and_materialize_commands(upstreams, tmp_path) -> None:  # type
     files = hub.repo("acme/tiny-model").files("main")
     assert (models / "config.json").read_bytes() == files["config.json"]
     assert (models / "model.safetensors").read_bytes() == files["model.safetensors"]
-    assert (models / "model.safetensors").stat().st_nlink == 2  # a hard link into the cache
-    assert not os.access(models / "model.safetensors", os.W_OK) or os.geteuid() == 0
-    assert oct((models / "model.safetensors").stat().st_mode & 0o777) == "0o444"  # the cache's copy is read-only
+    # A copy: a job writing to it (as root, which ignores modes) leaves the cache's bytes alone.
+    weights = models / "model.safetensors"
+    assert weights.stat().st_nlink == 1
+    with open(weights, "r+b") as job:
+        job.write(b"overwritten by a job")
+    cached = tmp_path / "cache" / "blobs" / "sha256" / hashlib.sha256(files["model.safetensors"]).hexdigest()[:2]
+    blob = cached / hashlib.sha256(files["model.safetensors"]).hexdigest()
+    assert blob.read_bytes() == files["model.safetensors"]
+    linked = tmp_path / "job" / "linked"
+    done = subprocess.run([*run, "materialize", "--config", str(config), "hf://acme/tiny-model@main", "--to", str(linked), "--link"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert os.path.samefile(linked / "model.safetensors", blob)  # --link: the cache's own inode, read-only
+    assert oct(blob.stat().st_mode & 0o777) == "0o444"
 
     layout = tmp_path / "job" / "image"
     done = subprocess.run([*run, "materialize", "--config", str(config), "docker.io/nosana/stats:v1.0.4", "--to", str(layout)],
@@ -168,3 +182,92 @@ def test_prefetch_and_materialize_commands(upstreams, tmp_path) -> None:  # type
     inspected = skopeo("inspect", "--raw", f"oci:{layout}")
     raw = inspected.stdout if isinstance(inspected.stdout, bytes) else inspected.stdout.encode()
     assert "sha256:" + hashlib.sha256(raw).hexdigest() == registry.images["nosana/stats:v1.0.4"].manifest_digest
+
+
+@pytest.fixture
+def origin(tmp_path):  # type: ignore[no-untyped-def]
+    """nginx as an HTTPS-like origin (/models/) and an IPFS gateway (/ipfs/)."""
+    require_tool("nginx")
+    root = tmp_path / "www"
+    (root / "models").mkdir(parents=True)
+    (root / "ipfs").mkdir()
+    server = Nginx.start(tmp_path / "nginx", root)
+    yield server, root
+    server.stop()
+
+
+def test_ipfs_and_https_entries_and_the_platforms_of_a_multi_arch_image_are_prefetched_and_pinned(
+    upstreams, origin, pullthrough, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    registry, _, _ = upstreams
+    nginx, root = origin
+    index = publish([ImageSpec("multi/app", "1", seed=42, layers=[[8 * KIB]], arches=("amd64", "arm64"))],
+                    tmp_path / "more-layouts", registry.host)["multi/app:1"]
+    web_bytes, ipfs_bytes = os.urandom(40_000), os.urandom(30_000)
+    (root / "models" / "w.bin").write_bytes(web_bytes)
+    cid = str(CID("base58btc", 0, "dag-pb", multihash.get("sha2-256").digest(ipfs_bytes)).set(version=1).encode("base32"))
+    (root / "ipfs" / cid).write_bytes(ipfs_bytes)
+    resource_set = {
+        "name": MARKET,
+        "images": ["docker.io/multi/app:1"],
+        "platforms": ["linux/arm64"],
+        "remote": [{"type": "IPFS", "cid": cid}, {"type": "HTTPS", "url": f"{nginx.url}/models/w.bin"}],
+    }
+    pt = pullthrough(
+        [{"name": "docker.io", "url": registry.url, "default": True}],
+        web={"allow": [f"{nginx.url}/models/"], "ipfs_gateways": [nginx.url]}, resource_sets=[resource_set],
+    )
+    listing = wait_for_prefetch(pt)
+    assert all(s["cached"] and s["error"] is None for s in [*listing["status"]["images"].values(), *listing["status"]["remote"].values()])
+    pins = subprocess.run([sys.executable, "-m", "proxy", "pins", "--config", str(pt.config_path), "--json"],
+                          capture_output=True, text=True, timeout=60)
+    assert pins.returncode == 0, pins.stderr
+    arm64 = next(c for c in index.children if '"arm64"' in httpx.get(f"{registry.url}/v2/multi/app/blobs/{c.config.digest}").text)
+    amd64 = next(c for c in index.children if c is not arm64)
+    sha = lambda data: "sha256:" + hashlib.sha256(data).hexdigest()  # noqa: E731
+    expected = {index.manifest_digest, arm64.manifest_digest, *(b.digest for b in arm64.all_blobs()), sha(web_bytes), sha(ipfs_bytes)}
+    assert set(json.loads(pins.stdout)[MARKET]) == expected
+    assert not {amd64.manifest_digest, *(b.digest for b in amd64.all_blobs())} & expected  # the other platform stays out
+
+
+def test_post_to_the_listing_prefetches_again_with_the_admin_token_only(upstreams, pullthrough) -> None:  # type: ignore[no-untyped-def]
+    registry, s3, hub = upstreams
+    closed = start_with_set(pullthrough, registry, s3, hub, admin_token="s3cret-admin")
+    first = wait_for_prefetch(closed)
+    url = f"{closed.url}/api/markets/{MARKET}/required-resources"
+    assert httpx.post(url, timeout=30).status_code == 401
+    assert httpx.post(url, headers={"Authorization": "Bearer wrong"}, timeout=30).status_code == 401
+    again = httpx.post(url, headers={"Authorization": "Bearer s3cret-admin"}, timeout=120)
+    assert again.status_code == 200
+    before = first["status"]["images"]["docker.io/nosana/stats:v1.0.4"]["last_refreshed"]
+    after = again.json()["status"]["images"]["docker.io/nosana/stats:v1.0.4"]
+    assert after["cached"] and after["last_refreshed"] > before
+    open_server = start_with_set(pullthrough, registry, s3, hub)  # no admin token configured: admin is off
+    assert httpx.post(f"{open_server.url}/api/markets/{MARKET}/required-resources", timeout=30).status_code == 404
+
+
+def test_prefetch_set_then_the_pins_and_stats_commands_report_it(upstreams, pullthrough, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    registry, s3, hub = upstreams
+    pt = start_with_set(pullthrough, registry, s3, hub, prefetch_on_start=False)
+    pt.stop()  # the commands below work on the configured cache, with no server
+    run = [sys.executable, "-m", "proxy"]
+    fetched = subprocess.run([*run, "prefetch", "--config", str(pt.config_path), "--set", MARKET],
+                             capture_output=True, text=True, timeout=180)
+    assert fetched.returncode == 0, fetched.stdout + fetched.stderr
+    assert f"{MARKET}: docker.io/nosana/stats:v1.0.4: 4 blobs" in fetched.stdout
+    pins = subprocess.run([*run, "pins", "--config", str(pt.config_path), "--json"], capture_output=True, text=True, timeout=60)
+    assert pins.returncode == 0 and len(json.loads(pins.stdout)[MARKET]) == 8
+    table = subprocess.run([*run, "pins", "--config", str(pt.config_path)], capture_output=True, text=True, timeout=60)
+    assert table.stdout.strip() == f"{MARKET}: 8 blobs"
+    offline = subprocess.run([*run, "stats", "--config", str(pt.config_path), "--json"], capture_output=True, text=True, timeout=60)
+    assert offline.returncode == 0, offline.stderr
+    report = json.loads(offline.stdout)  # from the index: what the prefetch fetched, saved by its counters
+    assert report["cache"]["entries"] >= 8 and report["bytes_from_upstream"] >= 300_000 and report["pins"][MARKET] == {"blobs": 8}
+    pt.restart()
+    layer = registry.images["nosana/stats:v1.0.4"].layers[0].digest
+    assert httpx.get(f"{pt.url}/v2/nosana/stats/blobs/{layer}", timeout=30).status_code == 200
+    live = subprocess.run([*run, "stats", "--config", str(pt.config_path), "--url", pt.url, "--json"],
+                          capture_output=True, text=True, timeout=60)
+    assert json.loads(live.stdout)["hits"] == httpx.get(f"{pt.url}/stats", timeout=10).json()["hits"] == 1
+    text = subprocess.run([*run, "stats", "--config", str(pt.config_path), "--url", pt.url], capture_output=True, text=True, timeout=60)
+    assert text.returncode == 0 and any(line.split() == ["hits", "1"] for line in text.stdout.splitlines())

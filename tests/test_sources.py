@@ -34,6 +34,25 @@ def s3_config(s3: MotoS3, object_ttl: str = "1h") -> dict:
     }
 
 
+TTL = 4.0  # seconds: long enough for two requests on a busy machine, short enough to wait out
+
+
+def sha256_digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def wait_until(condition, what: str, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        time.sleep(0.02)
+
+
+def wait_committed(pt, data: bytes) -> None:  # type: ignore[no-untyped-def]
+    """Until the bytes are a committed blob: the client may have them all before the commit."""
+    wait_until(pt.blob_path(sha256_digest(data)).exists, "the blob's commit")
+
+
 def gets_of(server, path: str) -> int:  # type: ignore[no-untyped-def]
     return sum(1 for method, p, _ in server.requests() if method == "GET" and p.split("?")[0] == path)
 
@@ -61,13 +80,19 @@ def test_s3_object_is_mirrored_and_the_second_get_is_served_from_the_cache(s3, p
 
 def test_a_changed_s3_object_is_picked_up_after_its_ttl(s3, pullthrough) -> None:  # type: ignore[no-untyped-def]
     s3.client().put_object(Bucket="models", Key="cfg.json", Body=b'{"v": 1}')
-    pt = pullthrough(s3=s3_config(s3, object_ttl="1s"))
+    pt = pullthrough(s3=s3_config(s3, object_ttl=f"{TTL}s"))
     url = f"{pt.url}/s3/models/cfg.json"
     assert httpx.get(url, timeout=30).content == b'{"v": 1}'
+    cached_at = time.monotonic()
+    wait_committed(pt, b'{"v": 1}')
     s3.client().put_object(Bucket="models", Key="cfg.json", Body=b'{"v": 2, "longer": true}')
+    requests = len(s3.requests())
     assert httpx.get(url, timeout=30).content == b'{"v": 1}'  # inside the TTL: the cached version
-    time.sleep(1.2)
+    assert time.monotonic() - cached_at < TTL, "the machine was too slow to ask inside the TTL"
+    assert len(s3.requests()) == requests  # and not a question to S3
+    wait_until(lambda: time.monotonic() - cached_at > TTL, "the object's TTL to run out", timeout=TTL + 5)
     assert httpx.get(url, timeout=30).content == b'{"v": 2, "longer": true}'
+    wait_committed(pt, b'{"v": 2, "longer": true}')
     gets = gets_of(s3, "/models/cfg.json")
     assert httpx.get(url, timeout=30).content == b'{"v": 2, "longer": true}'
     assert gets_of(s3, "/models/cfg.json") == gets  # the new version is cached too
@@ -118,18 +143,22 @@ def test_an_allowed_url_is_mirrored_and_revalidated(origin, pullthrough) -> None
     server, root = origin
     data = os.urandom(2 * 1024 * 1024)
     (root / "models" / "w.bin").write_bytes(data)
-    pt = pullthrough(web={"allow": [f"{server.url}/models/"], "ttl": "1s"})
+    pt = pullthrough(web={"allow": [f"{server.url}/models/"], "ttl": f"{TTL}s"})
     url = f"{pt.url}/web/{server.url}/models/w.bin"
     assert httpx.get(url, timeout=30).content == data
+    cached_at = time.monotonic()
+    wait_committed(pt, data)
     assert httpx.get(url, timeout=30).content == data
+    assert time.monotonic() - cached_at < TTL, "the machine was too slow to ask inside the TTL"
     assert [m for m, u, _ in server.requests() if u == "/models/w.bin"] == ["HEAD", "GET"]
-    time.sleep(1.2)
+    wait_until(lambda: time.monotonic() - cached_at > TTL, "the URL's TTL to run out", timeout=TTL + 5)
     assert httpx.get(url, timeout=30).content == data  # revalidated: same ETag, not fetched again
+    revalidated_at = time.monotonic()  # after the answer: the renewed TTL starts before it
     assert [m for m, u, _ in server.requests() if u == "/models/w.bin"] == ["HEAD", "GET", "HEAD"]
     new = os.urandom(1000)
     (root / "models" / "w.bin").write_bytes(new)
     os.utime(root / "models" / "w.bin", (time.time() + 5, time.time() + 5))
-    time.sleep(1.2)
+    wait_until(lambda: time.monotonic() - revalidated_at > TTL, "the URL's TTL to run out again", timeout=TTL + 5)
     assert httpx.get(url, timeout=30).content == new
 
 
@@ -166,6 +195,7 @@ def test_cid_v0_and_v1_of_one_content_are_one_cache_entry(tmp_path, pullthrough)
         for cid in (str(v0), str(v1.encode("base32")), str(v0)):
             response = httpx.get(f"{pt.url}/ipfs/{cid}", timeout=30)
             assert response.status_code == 200 and response.content == data
+            wait_committed(pt, data)  # the next request finds it cached, not a fill still committing
         assert sum(1 for m, uri, _ in gateway.requests() if m == "GET" and uri.startswith("/ipfs/")) == 1
         bad = httpx.get(f"{pt.url}/ipfs/not-a-cid", timeout=30)
         assert bad.status_code == 400 and bad.json()["error"] == "InvalidCID"
@@ -173,4 +203,83 @@ def test_cid_v0_and_v1_of_one_content_are_one_cache_entry(tmp_path, pullthrough)
         gateway.stop()
     stats = httpx.get(f"{pt.url}/stats", timeout=10).json()
     assert stats["per_source"]["ipfs"]["hits"] == 2 and stats["per_source"]["ipfs"]["misses"] == 1
-    assert hashlib.sha256(data).hexdigest()  # stored by its own sha256, as every blob
+    assert pt.blob_path(sha256_digest(data)).read_bytes() == data  # stored by its own sha256, as every blob
+
+
+def test_s3_bytes_are_asked_for_only_as_the_version_that_was_probed(s3) -> None:  # type: ignore[no-untyped-def]
+    """GetObject carries IfMatch with the ETag the HeadObject saw: a newer upload in between is
+    refused by S3 itself (409 VersionChanged to the caller), never mixed into the old one's bytes."""
+    import asyncio
+
+    from proxy.config import S3Config
+    from proxy.sources.objects import ObjectError
+    from proxy.sources.s3.client import S3Clients
+
+    client = s3.client()
+    client.put_object(Bucket="models", Key="mixed.bin", Body=b"version one")
+    config = S3Config(**s3_config(s3))
+    bucket = config.buckets[0]
+
+    async def run() -> None:
+        clients = S3Clients(config)
+        try:
+            old = (await clients.head(bucket, "mixed.bin"))["ETag"]
+            client.put_object(Bucket="models", Key="mixed.bin", Body=b"version two, longer")
+            with pytest.raises(ObjectError) as refused:
+                await clients.get(bucket, "mixed.bin", old)
+            assert (refused.value.status, refused.value.code) == (409, "VersionChanged")
+            new = (await clients.head(bucket, "mixed.bin"))["ETag"]
+            body = await clients.get(bucket, "mixed.bin", new)
+            assert b"".join([chunk async for chunk in body.chunks()]) == b"version two, longer"
+            await body.aclose()
+        finally:
+            await clients.aclose()
+
+    asyncio.run(run())
+
+
+@pytest.fixture
+def marked_origin(tmp_path):  # type: ignore[no-untyped-def]
+    """An origin that marks some answers private or no-store, as an origin does for per-user content."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    import threading
+
+    marks = {"/models/private.bin": "private, max-age=60", "/models/nostore.bin": "no-store", "/models/ok.bin": "public, max-age=60"}
+
+    class Handler(BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            if self.path not in marks:
+                self.send_response(404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            body = f"bytes of {self.path}".encode()
+            self.send_response(200)
+            self.send_header("Cache-Control", marks[self.path])
+            self.send_header("ETag", f'"{hashlib.md5(body).hexdigest()}"')
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command == "GET":
+                self.wfile.write(body)
+
+        do_GET = do_HEAD = _answer
+
+        def log_message(self, *args) -> None:  # type: ignore[no-untyped-def]
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_web_answers_marked_private_or_no_store_are_refused_and_not_cached(marked_origin, pullthrough) -> None:  # type: ignore[no-untyped-def]
+    pt = pullthrough(web={"allow": [f"{marked_origin}/models/"]})
+    for name in ("private.bin", "nostore.bin"):
+        refused = httpx.get(f"{pt.url}/web/{marked_origin}/models/{name}", timeout=30)
+        assert refused.status_code == 502 and refused.json()["error"] == "NotCacheable", name
+    ok = httpx.get(f"{pt.url}/web/{marked_origin}/models/ok.bin", timeout=30)
+    assert ok.status_code == 200 and ok.content == b"bytes of /models/ok.bin"
+    wait_committed(pt, ok.content)
+    assert [p.name for p in pt.committed_blobs()] == [hashlib.sha256(ok.content).hexdigest()]

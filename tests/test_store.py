@@ -293,3 +293,27 @@ async def test_a_head_never_starts_a_fill_and_is_counted_like_a_get(tmp_path: Pa
     assert [outcome for _, outcome, _ in events.requests] == [Outcome.MISS, Outcome.MISS, Outcome.HIT]
     assert events.sent == 0  # a HEAD sends no bytes, a miss none from the cache
     await store.aclose()
+
+
+async def test_with_the_index_unreachable_blobs_are_fetched_without_a_lease_and_still_served(tmp_path: Path) -> None:
+    from proxy.store.index import Index, make_engine
+    from tests.servers.ports import free_port
+
+    dead = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/nowhere?connect_timeout=2"
+    store = Store(tmp_path / "cache", Index(make_engine(dead)), node="node", lease_seconds=15.0)
+    await store.start()
+    data = os.urandom(1024 * 1024)
+    digest = digest_of(data)
+    upstream = ScriptedUpstream(data)
+    confirmations = []
+
+    async def confirm() -> int:
+        confirmations.append(1)
+        return len(data)
+
+    received = await get(store, request_for(digest, upstream, confirm=confirm))
+    assert received.status == 200 and received.body == data  # no lease could be claimed: fetched anyway
+    assert (await store.fetch(request_for(digest, upstream, confirm=confirm))).digest == digest
+    assert (await get(store, request_for(digest, upstream, confirm=confirm))).body == data
+    assert upstream.opens == 1  # served from the committed file afterwards
+    await store.aclose()

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from proxy.store.blobs import BlobFile, BlobStore, TempBlob
 from proxy.store.digest import Digest
 from proxy.store.events import StoreEvents
-from proxy.store.fill import AsyncUpstreamBody, Fill, FillFailed, FillState, Opener, UpstreamBody
+from proxy.store.fill import AsyncUpstreamBody, Fill, FillFailed, Opener, UpstreamBody
 from proxy.store.follow import RemoteFollower
 from proxy.store.leases import FillLeases
 from proxy.store.pools import Pools

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from proxy.store.index import Index
 from proxy.store.pools import Pools
-from proxy.store.records import FillLease, LeaseState
+from proxy.store.records import FillLease
 
 log = logging.getLogger(__name__)
 

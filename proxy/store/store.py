@@ -10,44 +10,34 @@ only under a scope that admitted them, and anything else is a cold request the u
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from starlette.responses import Response
 
 from proxy.http.responses import ByteSource, blob_response
-from proxy.singleflight import SingleFlight
-from proxy.store.blobs import BlobFile, BlobStore, DigestMismatch
+from proxy.store.blobs import BlobFile, BlobStore
 from proxy.store.digest import Digest
 from proxy.store.events import NoEvents, Outcome, StoreEvents
 from proxy.store.fill import Fill
 from proxy.store.filler import Filler, FillPlan, confirm_by_opening
-from proxy.store.freshness import Found, Freshness
+from proxy.store.freshness import Freshness
 from proxy.store.index import Index
 from proxy.store.leases import FillLeases
-from proxy.store.memo import AccessLog, AdmissionMemo, BlobsInUse, SmallObject, SmallObjectCache
+from proxy.store.memo import AccessLog, BlobsInUse, SmallObject
 from proxy.store.pools import Pools, PoolSizes
 from proxy.store.readers import FileSource
 from proxy.store.records import Origin, ReadScope, Reference
 from proxy.store.references import References
 from proxy.store.requests import BlobRequest, FetchFailed, SmallRequest, Translate
+from proxy.store.scopes import Scopes
+from proxy.store.small import Document, SmallObjects
 
 log = logging.getLogger(__name__)
 
 ACCESS_FLUSH_SECONDS = 15.0
-
-
-@dataclass(frozen=True)
-class Document:
-    """An answer fetched whole (an API response, a listing) and what to remember beside it."""
-
-    data: bytes
-    media_type: str
-    meta: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -82,12 +72,13 @@ class Store:
             self.files, self.pools, self._verified, self._committed, self._events, self.leases, follow_streams=follow_streams
         )
         self._in_use = BlobsInUse()
-        self._small = SmallObjectCache(small_object_bytes)
-        self._admitted = AdmissionMemo()
         self._access = AccessLog()
-        self._small_fetches: SingleFlight[SmallObject] = SingleFlight()
         self.refs = References(index, self.pools)
         self.freshness = Freshness(self.refs)
+        self.scopes = Scopes(index, self.pools)
+        self.smalls = SmallObjects(
+            self.files, index, self.pools, self.scopes, self.freshness, self._events, self._access, small_object_bytes
+        )
         self._flusher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -100,6 +91,8 @@ class Store:
         await self._filler.aclose()
         try:
             await self.flush_access()
+        except Exception as exc:  # noqa: BLE001 - shutting down: the next start's sweep and hits refresh them
+            log.warning("could not write the last access times: %s", exc)
         finally:
             self.pools.shutdown()
 
@@ -217,65 +210,30 @@ class Store:
     async def _verified(self, fill: Fill, digest: Digest) -> None:
         """Admit the scopes that read the fill before its file appears, so that whoever finds the
         file finds it readable under their scope too."""
-        try:
-            for scope in list(fill.scopes):
-                await self.admit(scope, [digest])
-        except Exception:  # _committed tries again
-            log.exception("could not admit the readers of %s", digest)
+        for scope in list(fill.scopes):
+            await self.admit(scope, [digest])
 
     async def _committed(self, fill: Fill, blob: BlobFile, origin: Origin, fetched_here: bool) -> None:
         """Index the blob (when this process fetched it), admit every scope that read the fill, and
         run the requests' own follow-ups (naming the digest under an object's key)."""
-        try:
-            if fetched_here:
+        if fetched_here:
+            try:
                 await self.pools.index(
                     self.index.blobs.add, str(blob.digest), blob.size, source=origin.source, upstream=origin.upstream
                 )
-            for scope in list(fill.scopes):
-                await self.admit(scope, [blob.digest])
-        except Exception:  # the file is valid; the sweep indexes it again, the upstream re-admits
-            log.exception("could not index %s", blob.digest)
+            except Exception as exc:  # noqa: BLE001 - the file is valid; the sweep indexes it again
+                log.warning("could not index %s: %s", blob.digest, exc)
+        for scope in list(fill.scopes):
+            await self.admit(scope, [blob.digest])
         for hook in fill.after_commit:
             try:
                 await hook(blob)
             except Exception:
                 log.exception("could not record what %s was fetched for", blob.digest)
 
-    # -- the door: small objects ---------------------------------------------------------------
+    # -- the door: small objects (small.py) and read scopes (scopes.py) ---------------------------
     async def small(self, request: SmallRequest, *, method: str | None) -> SmallObject:
-        """A small object for one caller, counted once (a hit when its bytes came from the cache),
-        or for a prefetch (`method` None), uncounted."""
-        try:
-            item = await self._small_readable(request)
-            outcome = Outcome.HIT
-            if item is None:
-                outcome = Outcome.MISS
-                item = await self._small_fetches.run((request.scope, request.digest), lambda: self._fetch_small(request))
-        except Exception as exc:  # noqa: BLE001
-            raise request.translate(exc) from None
-        self._count(request.origin, request.scope, outcome, method, len(item.data))
-        return item
-
-    async def _small_readable(self, request: SmallRequest) -> SmallObject | None:
-        item = await self._cached_small(request.digest)
-        if item is None:
-            return None
-        if not await self.admitted(request.scope, request.digest):
-            if request.confirm is None:
-                return None
-            await request.confirm()
-            await self.admit(request.scope, [request.digest])
-        self._access.touch(request.digest)
-        return item
-
-    async def _fetch_small(self, request: SmallRequest) -> SmallObject:
-        data, media_type = await request.fetch()
-        actual = hashlib.sha256(data).hexdigest()
-        if actual != request.digest.hex:
-            log.warning("upstream sent bytes for %s that hash to sha256:%s", request.digest, actual)
-            raise DigestMismatch(f"upstream sent bytes that do not match {request.digest}")
-        self._events.fetched(request.origin, len(data))
-        return await self.put_small(request.scope, request.origin, data, request.digest, media_type)
+        return await self.smalls.read(request, method=method)
 
     async def document(
         self,
@@ -288,97 +246,17 @@ class Store:
         method: str | None,
         translate: Translate,
     ) -> tuple[SmallObject, Reference]:
-        """An answer named by (source, key), fetched whole: fresh from the cache, else fetched again,
-        else the last one while the upstream is unreachable. Counted once."""
+        return await self.smalls.document(scope, origin, name, ttl=ttl, fetch=fetch, method=method, translate=translate)
 
-        async def usable(ref: Reference) -> bool:
-            return bool(ref.digest) and await self.get_small(scope, Digest.parse(ref.digest)) is not None
-
-        async def revalidate(_previous: Reference | None) -> Found:
-            document = await fetch()
-            digest = Digest.from_hex(hashlib.sha256(document.data).hexdigest())
-            self._events.fetched(origin, len(document.data))
-            await self.put_small(scope, origin, document.data, digest, document.media_type)
-            return Found(str(digest), meta=document.meta)
-
-        try:
-            resolved = await self.freshness.resolve(*name, ttl=ttl, revalidate=revalidate, usable=usable)
-            item = await self.get_small(scope, Digest.parse(resolved.ref.digest))
-            if item is None:
-                raise FetchFailed(f"{name[1][:200]} was purged while it was read")
-        except Exception as exc:  # noqa: BLE001
-            raise translate(exc) from None
-        self._count(origin, scope, Outcome.HIT if resolved.from_cache else Outcome.MISS, method, len(item.data))
-        return item, resolved.ref
-
-    async def get_small(self, scope: ReadScope, digest: Digest) -> SmallObject | None:
-        """A small object this scope may read, uncounted (for a source's own bookkeeping)."""
-        item = await self._cached_small(digest)
-        if item is None or not await self.admitted(scope, digest):
-            return None
-        self._access.touch(digest)
-        return item
-
-    async def put_small(self, scope: ReadScope, origin: Origin, data: bytes, digest: Digest, media_type: str | None) -> SmallObject:
-        """Store verified bytes (checked against `digest`) with their media type, admitted to `scope`.
-
-        The object is in memory before its file appears, so a concurrent reader never finds the
-        file without the media type that goes with it."""
-        item = SmallObject(digest, data, media_type)
-        self._small.put(item)
-        await self.pools.files(self.files.put_bytes, data, digest)
-        await self.pools.index(
-            self.index.blobs.add, str(digest), len(data), media_type, source=origin.source, upstream=origin.upstream
-        )
-        await self.admit(scope, [digest])
-        return item
-
-    async def _cached_small(self, digest: Digest) -> SmallObject | None:
-        item = self._small.get(digest)
-        if item is None:
-            item = await self.pools.files(self._load_small, digest)
-            if item is not None:
-                self._small.put(item)
-        return item
-
-    def _load_small(self, digest: Digest) -> SmallObject | None:
-        data = self.files.read_bytes(digest)
-        if data is None:
-            return None
-        record = self.index.blobs.get(str(digest))
-        if record is None or record.media_type is None:
-            return None  # written by another process that has not indexed it yet: fetch it again
-        return SmallObject(digest, data, record.media_type)
-
-    def _count(self, origin: Origin, scope: ReadScope, outcome: Outcome, method: str | None, nbytes: int) -> None:
-        if method is None:
-            return  # a prefetch, not a client's request
-        self._events.request(origin, scope, outcome, joined=False)
-        if outcome is Outcome.HIT and method == "GET":
-            self._events.sent_from_cache(origin, scope, nbytes)
-
-    # -- read scopes -----------------------------------------------------------------------------
     async def holds(self, scope: ReadScope, digest: Digest) -> bool:
         """Whether the blob is committed and this scope may read it: served without the upstream."""
         return await self.pools.files(self.files.stat, digest) is not None and await self.admitted(scope, digest)
 
     async def admitted(self, scope: ReadScope, digest: Digest) -> bool:
-        if self._admitted.known(scope, digest):
-            return True
-        if await self.pools.index(self.index.blobs.admitted, str(scope), str(digest)):
-            self._admitted.remember(scope, digest)
-            return True
-        return False
+        return await self.scopes.admitted(scope, digest)
 
     async def admit(self, scope: ReadScope, digests: Iterable[Digest]) -> None:
-        """Record that `scope` may read these digests: the upstream confirmed it (a fill from that
-        scope, a manifest of that repository listing them, an upstream HEAD)."""
-        new = [d for d in dict.fromkeys(digests) if not self._admitted.known(scope, d)]
-        if not new:
-            return
-        await self.pools.index(self.index.blobs.admit, str(scope), [str(d) for d in new])
-        for digest in new:
-            self._admitted.remember(scope, digest)
+        await self.scopes.admit(scope, digests)
 
     # -- pins and access times ---------------------------------------------------------------------
     async def pin(self, name: str, digests: list[str]) -> None:

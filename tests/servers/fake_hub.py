@@ -236,6 +236,8 @@ class FakeHub:
         self.unavailable = False
         #: Bytes per second for CDN bodies (None: as fast as possible), to keep a cold download in flight.
         self.cdn_rate: float | None = None
+        #: While set to an unset Event, CDN answers send their headers and hold their bodies until it is set.
+        self.cdn_gate: threading.Event | None = None
         self.repos: dict[tuple[str, str], FakeRepo] = {}
         self.valid_tokens: set[str] = set()
         self._hits: list[Hit] = []
@@ -457,6 +459,10 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_header(name, value)
             self.end_headers()
             if self.command != "HEAD" and status not in (204, 304):
+                gate = hub.cdn_gate if self.server.role == "cdn" else None
+                if gate is not None:
+                    self.wfile.flush()
+                    gate.wait(timeout=120)
                 rate = hub.cdn_rate if self.server.role == "cdn" else None
                 step = 64 * 1024 if rate else 1 << 20
                 view = memoryview(body)

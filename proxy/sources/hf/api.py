@@ -24,7 +24,8 @@ from proxy.sources.hf.files import FileService, hub_origin
 from proxy.sources.hf.names import Repo, is_commit, quote_path, quote_revision
 from proxy.sources.hf.upstream import HubClient
 from proxy.store.records import ReadScope
-from proxy.store.store import Document, Store
+from proxy.store.small import Document
+from proxy.store.store import Store
 
 log = logging.getLogger(__name__)
 

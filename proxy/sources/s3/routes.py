@@ -27,7 +27,8 @@ from proxy.store.blobs import BlobFile
 from proxy.store.janitor import TtlRule
 from proxy.store.memo import SmallObject
 from proxy.store.records import Origin, ReadScope
-from proxy.store.store import Document, Store
+from proxy.store.small import Document
+from proxy.store.store import Store
 
 log = logging.getLogger(__name__)
 
