@@ -52,6 +52,8 @@ class Traffic:
         self._saved: dict[CounterKey, int] = {}
         self._repos: Counter[tuple[str, str]] = Counter()
         self._repo_bytes: Counter[tuple[str, str]] = Counter()
+        self._keys: dict[tuple[Origin, str], CounterKey] = {}
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         self._usage: _Usage | None = None
         self._flusher: asyncio.Task[None] | None = None
         self.history: deque[dict[str, float]] = deque(maxlen=HISTORY_POINTS)
@@ -75,39 +77,48 @@ class Traffic:
 
     # -- events, on the request path (no I/O) ---------------------------------------------------
     def request(self, origin: Origin, scope: ReadScope, outcome: Outcome, *, joined: bool) -> None:
-        result = outcome.value
         self._count(origin, "requests")
         self._count(origin, "hits" if outcome is Outcome.HIT else "misses")
-        self._requests.labels(origin.source, origin.upstream, result).inc()
+        self._child(self._requests, origin.source, origin.upstream, outcome.value).inc()
         if joined:
             self._count(origin, "coalesced")
-            self._coalesced.labels(origin.source, origin.upstream).inc()
+            self._child(self._coalesced, origin.source, origin.upstream).inc()
         self._repos[self._repo_key(scope)] += 1
 
     def sent_from_cache(self, origin: Origin, scope: ReadScope, nbytes: int) -> None:
         self._count(origin, "bytes_from_cache", nbytes)
-        self._bytes.labels(origin.source, origin.upstream, "from_cache").inc(nbytes)
+        self._child(self._bytes, origin.source, origin.upstream, "from_cache").inc(nbytes)
         self._repo_bytes[self._repo_key(scope)] += nbytes
 
     def fetched(self, origin: Origin, nbytes: int) -> None:
         """Bytes that came from upstream (small objects; blob fills report through fill_finished)."""
         self._count(origin, "bytes_from_upstream", nbytes)
-        self._bytes.labels(origin.source, origin.upstream, "from_upstream").inc(nbytes)
+        self._child(self._bytes, origin.source, origin.upstream, "from_upstream").inc(nbytes)
 
     def fill_finished(self, origin: Origin, nbytes: int, seconds: float, ok: bool) -> None:
         self.fetched(origin, nbytes)
-        self._fills.labels(origin.source, origin.upstream, "ok" if ok else "failed").observe(seconds)
+        self._child(self._fills, origin.source, origin.upstream, "ok" if ok else "failed").observe(seconds)
 
     def fill_followed(self, origin: Origin) -> None:
         self._count(origin, "fleet_followed")
-        self._fleet.labels(origin.source, origin.upstream, "followed").inc()
+        self._child(self._fleet, origin.source, origin.upstream, "followed").inc()
 
     def fill_taken_over(self, origin: Origin) -> None:
         self._count(origin, "fleet_takeovers")
-        self._fleet.labels(origin.source, origin.upstream, "taken_over").inc()
+        self._child(self._fleet, origin.source, origin.upstream, "taken_over").inc()
 
     def _count(self, origin: Origin, name: str, amount: int = 1) -> None:
-        self._pending[CounterKey(origin.source, origin.upstream, name)] += amount
+        key = self._keys.get((origin, name))
+        if key is None:
+            key = self._keys[(origin, name)] = CounterKey(origin.source, origin.upstream, name)
+        self._pending[key] += amount
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """The labelled child of a metric, looked up once: every request counts, so this is hot."""
+        child = self._children.get((metric, labels))
+        if child is None:
+            child = self._children[(metric, labels)] = metric.labels(*labels)
+        return child
 
     @staticmethod
     def _repo_key(scope: ReadScope) -> tuple[str, str]:

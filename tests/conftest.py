@@ -132,6 +132,21 @@ def pullthrough(request, tmp_path) -> Callable[..., Pullthrough]:
 
 
 @pytest.fixture
+def origin(tmp_path):  # type: ignore[no-untyped-def]
+    """nginx serving tmp_path/www, which holds models/, private/ and ipfs/: a web origin for /web/
+    (allow its /models/) and an IPFS gateway (files named by CID under ipfs/). Yields (server, root)."""
+    from tests.servers.nginx import Nginx
+
+    require_tool("nginx")
+    root = tmp_path / "www"
+    for folder in ("models", "private", "ipfs"):
+        (root / folder).mkdir(parents=True)
+    server = Nginx.start(tmp_path / "nginx", root, access_log=True)
+    yield server, root
+    server.stop()
+
+
+@pytest.fixture
 def index_url(tmp_path) -> Iterator[str]:
     """The URL of a fresh, migrated index: SQLite in tmp_path, or with
     PULLTHROUGH_TEST_DATABASE=postgresql a PostgreSQL database of its own, dropped afterwards."""

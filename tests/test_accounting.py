@@ -14,10 +14,8 @@ import httpx
 import pytest
 from multiformats import CID, multihash
 
-from tests.conftest import require_tool
 from tests.servers.fake_hub import FakeHub
 from tests.servers.moto import MotoS3
-from tests.servers.nginx import Nginx
 from tests.test_hf_mirror import MODEL, populate
 
 pytestmark = pytest.mark.real
@@ -31,19 +29,13 @@ def wait_until(condition, what: str, timeout: float = 30.0) -> None:  # type: ig
 
 
 @pytest.fixture
-def upstreams(tmp_path: Path):  # type: ignore[no-untyped-def]
-    require_tool("nginx")
+def upstreams(tmp_path: Path, origin):  # type: ignore[no-untyped-def]
     hub = FakeHub.start(tmp_path / "hub")
     populate(hub)
-    root = tmp_path / "www"
-    (root / "models").mkdir(parents=True)
-    (root / "ipfs").mkdir()
-    nginx = Nginx.start(tmp_path / "nginx", root)
     s3 = MotoS3.start()
     s3.client().create_bucket(Bucket="models")
-    yield hub, nginx, root, s3
+    yield hub, *origin, s3
     s3.stop()
-    nginx.stop()
     hub.stop()
 
 

@@ -35,3 +35,39 @@ def test_migrations_go_down_to_nothing_and_up_again(tmp_path: Path) -> None:
     engine = make_engine(url)
     assert "counters" in inspect(engine).get_table_names()
     engine.dispose()
+
+
+def test_the_read_scope_migration_admits_what_each_reference_names(tmp_path: Path) -> None:
+    from sqlalchemy import text
+
+    url = f"sqlite:///{tmp_path / 'index.db'}"
+    upgrade(url, "0003")
+    engine = make_engine(url)
+    digest = "sha256:" + "a" * 64
+    rows = [
+        ("oci", "docker.io/library/alpine:3.20", digest),
+        ("s3", "models/sd/unet.bin", "sha256:" + "b" * 64),
+        ("ipfs", "bafy123/x", "sha256:" + "c" * 64),
+        ("hf-file", "models/acme/gated@" + "1" * 40 + "/model.safetensors", "d" * 64),  # the Hub's: bare hex
+        ("hf-rev", "models/acme/gated@main", "1" * 40),  # a commit, not a blob: nothing to admit
+        ("web", "https://example.com/x", "sha256:" + "e" * 64),  # its prefix is in the config, not here
+    ]
+    with engine.begin() as connection:
+        for n, (source, key, value) in enumerate(rows):
+            connection.execute(
+                text("INSERT INTO refs (id, source, key, digest, fetched_at, expires_at, validators, meta) "
+                     "VALUES (:id, :source, :key, :digest, 0, 0, '{}', '{}')"),
+                {"id": n + 1, "source": source, "key": key, "digest": value},
+            )
+    engine.dispose()
+    upgrade(url)
+    engine = make_engine(url)
+    with engine.connect() as connection:
+        admitted = set(connection.execute(text("SELECT digest, scope FROM blob_scopes")))
+    engine.dispose()
+    assert admitted == {
+        (digest, "oci:docker.io/library/alpine"),
+        ("sha256:" + "b" * 64, "s3:models"),
+        ("sha256:" + "c" * 64, "ipfs"),
+        ("sha256:" + "d" * 64, "hf:models/acme/gated"),
+    }

@@ -6,7 +6,6 @@ The upstream is the session's docker-registry; every count below comes from its 
 from __future__ import annotations
 
 import hashlib
-import json
 import threading
 import time
 from pathlib import Path

@@ -18,7 +18,6 @@ from tests.conftest import require_tool
 from tests.images import KIB, ImageSpec, build_layout, publish, push, skopeo
 from tests.servers.fake_hub import FakeHub
 from tests.servers.moto import MotoS3
-from tests.servers.nginx import Nginx
 from tests.servers.registry import Distribution
 from tests.test_hf_mirror import ALICE, BOB, GATED, PRIVATE, populate
 
@@ -29,18 +28,6 @@ pytestmark = pytest.mark.real
 def hub(tmp_path: Path):  # type: ignore[no-untyped-def]
     server = FakeHub.start(tmp_path / "hub")
     populate(server)
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def origin(tmp_path: Path):  # type: ignore[no-untyped-def]
-    """nginx as a web origin (/models/) and as an IPFS gateway (/ipfs/), both empty."""
-    require_tool("nginx")
-    root = tmp_path / "www"
-    (root / "models").mkdir(parents=True)
-    (root / "ipfs").mkdir()
-    server = Nginx.start(tmp_path / "nginx", root, access_log=True)
     yield server
     server.stop()
 
@@ -61,6 +48,7 @@ def raw_cid(data: bytes) -> str:
 def test_gated_and_private_files_cached_for_an_authorized_token_reach_nobody_else_through_any_route(
     hub, upstream, origin, s3, pullthrough, tmp_path
 ) -> None:  # type: ignore[no-untyped-def]
+    origin, _ = origin
     pt = pullthrough(
         hf={"url": hub.url},
         web={"allow": [f"{origin.url}/models/"], "ipfs_gateways": [origin.url]},

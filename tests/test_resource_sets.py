@@ -18,7 +18,6 @@ from tests.conftest import require_tool
 from tests.images import KIB, ImageSpec, publish, skopeo
 from tests.servers.fake_hub import FakeHub
 from tests.servers.moto import MotoS3
-from tests.servers.nginx import Nginx
 from tests.servers.registry import Distribution
 
 MARKET = "97G9NnvBDQ2WpKu6fasoMsAKmfj63C9rhysJnkeWodAf"
@@ -182,18 +181,6 @@ def test_prefetch_and_materialize_commands(upstreams, tmp_path) -> None:  # type
     inspected = skopeo("inspect", "--raw", f"oci:{layout}")
     raw = inspected.stdout if isinstance(inspected.stdout, bytes) else inspected.stdout.encode()
     assert "sha256:" + hashlib.sha256(raw).hexdigest() == registry.images["nosana/stats:v1.0.4"].manifest_digest
-
-
-@pytest.fixture
-def origin(tmp_path):  # type: ignore[no-untyped-def]
-    """nginx as an HTTPS-like origin (/models/) and an IPFS gateway (/ipfs/)."""
-    require_tool("nginx")
-    root = tmp_path / "www"
-    (root / "models").mkdir(parents=True)
-    (root / "ipfs").mkdir()
-    server = Nginx.start(tmp_path / "nginx", root)
-    yield server, root
-    server.stop()
 
 
 def test_ipfs_and_https_entries_and_the_platforms_of_a_multi_arch_image_are_prefetched_and_pinned(

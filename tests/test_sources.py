@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -127,17 +126,6 @@ def test_a_missing_s3_key_is_404(s3, pullthrough) -> None:  # type: ignore[no-un
 
 
 # -- plain web URLs -----------------------------------------------------------------------------------
-
-@pytest.fixture
-def origin(tmp_path):  # type: ignore[no-untyped-def]
-    require_tool("nginx")
-    root = tmp_path / "www"
-    (root / "models").mkdir(parents=True)
-    (root / "private").mkdir()
-    server = Nginx.start(tmp_path / "nginx", root, access_log=True)
-    yield server, root
-    server.stop()
-
 
 def test_an_allowed_url_is_mirrored_and_revalidated(origin, pullthrough) -> None:  # type: ignore[no-untyped-def]
     server, root = origin

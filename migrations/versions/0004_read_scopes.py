@@ -1,7 +1,8 @@
 """Read scopes: which scopes (an OCI repository, an HF repo, an S3 bucket, …) admitted each digest.
 
-Existing blobs of S3, IPFS and the Hub's files are admitted under the scope their references name;
-OCI blobs are admitted again by the upstream on their next pull (one HEAD per blob and
+Existing blobs of S3, IPFS and the Hub's files are admitted under the scope their references name,
+and each tag's manifest under its repository (its layers follow when the manifest is next served);
+other OCI blobs are admitted again by the upstream on their next pull (one HEAD per blob and
 repository, no byte fetched again), because the old index did not record the repository.
 
 Revision ID: 0004
@@ -50,6 +51,8 @@ def _admit_from_references() -> None:
             scope = "ipfs"
         elif source == "hf-file":
             scope = "hf:" + key.split("@", 1)[0]
+        elif source == "oci":
+            scope = "oci:" + key.rsplit(":", 1)[0]  # a tag (registry/repository:tag) and its manifest
         else:
             continue
         if len(scope) <= 512:

@@ -4,6 +4,7 @@ index hands back. Plain frozen dataclasses; nothing here does I/O.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 from collections.abc import Mapping
@@ -36,17 +37,20 @@ class ReadScope:
         if not self.value or len(self.value) > MAX_SCOPE or ":" not in self.value and self.value != "ipfs":
             raise ValueError(f"not a read scope: {self.value[:80]!r}")
 
-    @classmethod
-    def oci(cls, registry: str, repository: str) -> ReadScope:
-        return cls(f"oci:{registry}/{repository}")
+    @staticmethod
+    @functools.lru_cache(maxsize=4096)  # asked on every request of a hot repository
+    def oci(registry: str, repository: str) -> ReadScope:
+        return ReadScope(f"oci:{registry}/{repository}")
 
-    @classmethod
-    def hf(cls, repo_key: str) -> ReadScope:
-        return cls(f"hf:{repo_key}")
+    @staticmethod
+    @functools.lru_cache(maxsize=4096)
+    def hf(repo_key: str) -> ReadScope:
+        return ReadScope(f"hf:{repo_key}")
 
-    @classmethod
-    def s3(cls, bucket: str) -> ReadScope:
-        return cls(f"s3:{bucket}")
+    @staticmethod
+    @functools.lru_cache(maxsize=1024)
+    def s3(bucket: str) -> ReadScope:
+        return ReadScope(f"s3:{bucket}")
 
     @classmethod
     def web(cls, prefix: str) -> ReadScope:

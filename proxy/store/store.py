@@ -1,17 +1,18 @@
 """The store's one door: what every source calls to read bytes, and nothing else.
 
 `serve` answers a blob read (a hit, a local fill, or another node's fill followed) with Range,
-in-use tracking, accounting and the last-byte-after-verification rule inside; `small` does the
-same for manifests held whole in memory; `document` for answers fetched whole and named by a key
-(HF API answers, S3 listings). Every read names the caller's read scope: cached bytes are served
-only under a scope that admitted them, and anything else is a cold request the upstream decides.
+in-use tracking, accounting and the last-byte-after-verification rule inside; `fetch` does the
+same for a prefetch; `small_objects` (small.py) is the door for what is held whole: manifests by
+digest, and answers fetched whole and named by a key (HF API answers, S3 listings). Every read
+names the caller's read scope: cached bytes are served only under a scope that admitted them, and
+anything else is a cold request the upstream decides.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,14 +27,14 @@ from proxy.store.filler import Filler, FillPlan, confirm_by_opening
 from proxy.store.freshness import Freshness
 from proxy.store.index import Index
 from proxy.store.leases import FillLeases
-from proxy.store.memo import AccessLog, BlobsInUse, SmallObject
+from proxy.store.memo import AccessLog, BlobsInUse
 from proxy.store.pools import Pools, PoolSizes
 from proxy.store.readers import FileSource
-from proxy.store.records import Origin, ReadScope, Reference
+from proxy.store.records import Origin, ReadScope
 from proxy.store.references import References
-from proxy.store.requests import BlobRequest, FetchFailed, SmallRequest, Translate
+from proxy.store.requests import BlobRequest, FetchFailed
 from proxy.store.scopes import Scopes
-from proxy.store.small import Document, SmallObjects
+from proxy.store.small import SmallObjects
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class Store:
         self.refs = References(index, self.pools)
         self.freshness = Freshness(self.refs)
         self.scopes = Scopes(index, self.pools)
-        self.smalls = SmallObjects(
+        self.small_objects = SmallObjects(
             self.files, index, self.pools, self.scopes, self.freshness, self._events, self._access, small_object_bytes
         )
         self._flusher: asyncio.Task[None] | None = None
@@ -231,23 +232,7 @@ class Store:
             except Exception:
                 log.exception("could not record what %s was fetched for", blob.digest)
 
-    # -- the door: small objects (small.py) and read scopes (scopes.py) ---------------------------
-    async def small(self, request: SmallRequest, *, method: str | None) -> SmallObject:
-        return await self.smalls.read(request, method=method)
-
-    async def document(
-        self,
-        scope: ReadScope,
-        origin: Origin,
-        name: tuple[str, str],
-        *,
-        ttl: float | None,
-        fetch: Callable[[], Awaitable[Document]],
-        method: str | None,
-        translate: Translate,
-    ) -> tuple[SmallObject, Reference]:
-        return await self.smalls.document(scope, origin, name, ttl=ttl, fetch=fetch, method=method, translate=translate)
-
+    # -- read scopes (scopes.py); small objects have a door of their own: `small_objects` (small.py)
     async def holds(self, scope: ReadScope, digest: Digest) -> bool:
         """Whether the blob is committed and this scope may read it: served without the upstream."""
         return await self.pools.files(self.files.stat, digest) is not None and await self.admitted(scope, digest)

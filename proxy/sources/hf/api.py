@@ -101,7 +101,7 @@ class ApiService:
             link = mirror_links(response.headers.get("link", ""), self._client.base_url)
             return Document(data, content_type, {"link": link})
 
-        item, ref = await self._store.document(
+        item, ref = await self._store.small_objects.document(
             ReadScope.hf(repo.key), self._origin, (SOURCE, key), ttl=None if immutable else self._config.revision_ttl,
             fetch=fetch, method=request.method, translate=translate,
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 
 import httpx
 
@@ -33,6 +34,7 @@ DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 # upstream answers with the representation it stores (never a down-conversion).
 ALL_MANIFEST_TYPES = [OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST]
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+LINK_AGAIN_SECONDS = 3600.0
 SOURCE = "oci"
 
 
@@ -75,45 +77,46 @@ class ManifestService:
     def __init__(self, store: Store, clients: dict[str, RegistryClient]) -> None:
         self._store = store
         self._clients = clients
-        self._linked: Lru[tuple[ReadScope, Digest], bool] = Lru(100_000)
+        self._linked: Lru[tuple[ReadScope, Digest], float] = Lru(100_000)
 
     async def get(self, target: Target, accept: list[str], method: str | None) -> SmallObject:
         """The manifest for this caller (counted by the store unless `method` is None: a prefetch).
 
         What a manifest of a repository lists (layers, config, child manifests) is linked to that
         repository, as distribution links blobs per repository: pulls of its blobs need no HEAD."""
+        scope = target.scope
         if target.digest is not None:
-            item = await self._by_digest(target, target.digest, accept, method)
+            item = await self._by_digest(target, scope, target.digest, accept, method)
         else:
-            item = await self._by_tag(target, accept, method)
-        await self._link_contents(target.scope, item)
+            item = await self._by_tag(target, scope, accept, method)
+        await self._link_contents(scope, item)
         return item
 
-    async def _by_digest(self, target: Target, digest: Digest, accept: list[str], method: str | None) -> SmallObject:
+    async def _by_digest(self, target: Target, scope: ReadScope, digest: Digest, accept: list[str], method: str | None) -> SmallObject:
         client = self._clients[target.registry.name]
 
         async def confirm() -> int | None:
             await client.head_manifest(target.repository, str(digest), _upstream_accept(accept))
             return None
 
-        return await self._store.small(
+        return await self._store.small_objects.read(
             SmallRequest(
-                target.scope, self._origin(target), digest,
+                scope, self._origin(target), digest,
                 fetch=lambda: self._fetch(target, str(digest), _upstream_accept(accept)),
                 translate=translate, confirm=confirm,
             ),
             method=method,
         )
 
-    async def _by_tag(self, target: Target, accept: list[str], method: str | None) -> SmallObject:
+    async def _by_tag(self, target: Target, scope: ReadScope, accept: list[str], method: str | None) -> SmallObject:
         resolved = await self._store.freshness.resolve(
             SOURCE, target.tag_key, ttl=target.registry.tag_ttl, revalidate=lambda _previous: self._head_tag(target)
         )
         ref = resolved.ref
         if ref.digest and accepts(accept, ref.meta.get("media_type")):
             digest = Digest.parse(ref.digest)
-            await self._store.admit(target.scope, [digest])  # the tag's HEAD in this repository named it
-            return await self._by_digest(target, digest, accept, method)
+            await self._store.admit(scope, [digest])  # the tag's HEAD in this repository named it
+            return await self._by_digest(target, scope, digest, accept, method)
         # The registry named no digest, or the client wants another representation than the
         # registry's own (an old client that takes no index): ask with its Accept and keep the
         # answer by digest only, not as the tag.
@@ -124,8 +127,8 @@ class ManifestService:
         async def fetched() -> tuple[bytes, str | None]:
             return data, _media_type(response, data)
 
-        return await self._store.small(
-            SmallRequest(target.scope, self._origin(target), digest, fetch=fetched, translate=translate), method=method
+        return await self._store.small_objects.read(
+            SmallRequest(scope, self._origin(target), digest, fetch=fetched, translate=translate), method=method
         )
 
     async def _head_tag(self, target: Target) -> Found:
@@ -141,10 +144,13 @@ class ManifestService:
         return data, _media_type(response, data)
 
     async def _link_contents(self, scope: ReadScope, item: SmallObject) -> None:
-        if self._linked.get((scope, item.digest)):
+        # Once an hour per (repository, manifest) at most: the janitor forgets admissions of
+        # layers nobody pulled within a day, and a pull after that links them again.
+        linked_at = self._linked.get((scope, item.digest))
+        if linked_at is not None and time.monotonic() - linked_at < LINK_AGAIN_SECONDS:
             return
         await self._store.admit(scope, referenced_digests(item.data))
-        self._linked.put((scope, item.digest), True)
+        self._linked.put((scope, item.digest), time.monotonic())
 
     @staticmethod
     def _origin(target: Target) -> Origin:

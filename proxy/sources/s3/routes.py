@@ -134,7 +134,7 @@ class S3Mirror:
             listing = {"bucket": bucket.name, "prefix": prefix, "objects": objects}
             return Document(json.dumps(listing).encode(), "application/json")
 
-        item, _ = await self._store.document(
+        item, _ = await self._store.small_objects.document(
             ReadScope.s3(bucket.name), self.origin(bucket), (LISTINGS, f"{bucket.name}/{prefix}"),
             ttl=self.config.object_ttl, fetch=fetch, method=method, translate=translate,
         )
