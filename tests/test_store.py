@@ -317,3 +317,10 @@ async def test_with_the_index_unreachable_blobs_are_fetched_without_a_lease_and_
     assert (await get(store, request_for(digest, upstream, confirm=confirm))).body == data
     assert upstream.opens == 1  # served from the committed file afterwards
     await store.aclose()
+    # A process that starts on this cache while the index is still down cannot read the blob's
+    # scopes: it fails closed and lets the upstream confirm, then serves the file it has.
+    again = Store(tmp_path / "cache", Index(make_engine(dead)), node="node", lease_seconds=15.0)
+    await again.start()
+    assert (await get(again, request_for(digest, upstream, confirm=confirm))).body == data
+    assert confirmations == [1] and upstream.opens == 1
+    await again.aclose()
