@@ -9,7 +9,8 @@ import pytest
 
 from proxy.sources.hf.api import absolute_links, mirror_links, strip_xet
 from proxy.sources.hf.errors import BadRequest
-from proxy.sources.hf.files import git_blob_sha1, normalize_etag
+from proxy.sources.hf.files import GitBlobCheck, normalize_etag
+from proxy.store.blobs import DigestMismatch
 from proxy.sources.hf.names import parse_file_path, parse_repo, parse_revision, raw_segments
 
 
@@ -53,13 +54,24 @@ def test_pagination_links_come_back_to_the_mirror_and_xet_relations_go() -> None
     assert absolute_links(relative, "http://mirror:5000/") == '<http://mirror:5000/api/models/a/b/tree/main?cursor=xyz>; rel="next"'
 
 
-def test_git_blob_sha1_matches_git(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_the_git_blob_check_accepts_what_git_names_and_nothing_else(tmp_path) -> None:  # type: ignore[no-untyped-def]
     data = b"hello world\n"
     path = tmp_path / "f"
     path.write_bytes(data)
     expected = subprocess.run(["git", "hash-object", str(path)], capture_output=True, text=True, check=True).stdout.strip()
-    assert git_blob_sha1(data) == expected
-    assert git_blob_sha1(data) != hashlib.sha1(data).hexdigest()
+    check = GitBlobCheck(expected, len(data))
+    check.update(data[:5])
+    check.update(data[5:])  # the bytes arrive in parts
+    check.verify(len(data))
+    for wrong, size in ((b"hello world!", 12), (data, len(data) - 1)):
+        bad = GitBlobCheck(expected, size)
+        bad.update(wrong)
+        with pytest.raises(DigestMismatch):
+            bad.verify(len(wrong))
+    plain = GitBlobCheck(hashlib.sha1(data).hexdigest(), len(data))  # a plain sha1 is not a git blob id
+    plain.update(data)
+    with pytest.raises(DigestMismatch):
+        plain.verify(len(data))
 
 
 def test_etags_lose_quotes_and_weakness() -> None:

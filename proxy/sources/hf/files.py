@@ -249,11 +249,3 @@ def _file_headers(meta: FileMeta) -> dict[str, str]:
         headers["X-Linked-Etag"] = f'"{meta.etag}"'
         headers["X-Linked-Size"] = str(meta.size)
     return headers
-
-
-def git_blob_sha1(data: bytes) -> str:
-    """git's object id of a file: sha1 of 'blob <size>\\0' and the bytes."""
-    digest = hashlib.sha1(usedforsecurity=False)
-    digest.update(b"blob %d\0" % len(data))
-    digest.update(data)
-    return digest.hexdigest()
