@@ -22,7 +22,7 @@ from proxy.http.zerocopy import ZeroCopyMiddleware
 from proxy.migrate import prepare_database
 from proxy.ops import Operations
 from proxy.pins import ResourceSets
-from proxy.sources.source import Sources, build_sources, purge_rules
+from proxy.sources.source import Sources, build_sources, expiring_references, purge_rules
 from proxy.stats import Traffic
 from proxy.store.index import Index, make_engine
 from proxy.store.janitor import Janitor, Policy, PurgeResult
@@ -46,7 +46,8 @@ def upstream_http_client() -> httpx.AsyncClient:
 
 def purge_policy(settings: Settings) -> Policy:
     return Policy(
-        default_ttl=settings.default_ttl, rules=tuple(purge_rules(settings)), max_size=settings.max_size, min_free=settings.min_free
+        default_ttl=settings.default_ttl, rules=tuple(purge_rules(settings)), max_size=settings.max_size,
+        min_free=settings.min_free, forget=expiring_references(),
     )
 
 
@@ -76,7 +77,7 @@ class Runtime:
             lease_seconds=settings.fill_lease, follow_streams=settings.follow_fills == "stream",
         )
         http = upstream_http_client()
-        blob_transport = BlobTransport(user_agent=USER_AGENT)
+        blob_transport = BlobTransport(user_agent=USER_AGENT, executor=pools.fills)
         sources = build_sources(settings, store, http, blob_transport)
         return cls(
             settings, index, traffic, store, Janitor(store.files, index, purge_policy(settings)), http, blob_transport,
@@ -115,6 +116,13 @@ class Runtime:
             except Exception:
                 log.exception("purge failed")
 
+    async def nameable(self, kind: str, name: str) -> bool:
+        """Whether /stats may name this scope to anyone: not a Hub repo unless it was seen public."""
+        if kind != "hf":
+            return True
+        hf = self.sources.named("hf")
+        return await hf.access.known_public(name)  # type: ignore[attr-defined, no-any-return]
+
     def ratelimits(self) -> dict[str, str]:
         oci = self.sources.named("oci")
         return oci.ratelimits()  # type: ignore[attr-defined, no-any-return]
@@ -122,7 +130,7 @@ class Runtime:
 
 def create_app(settings: Settings) -> Starlette:
     runtime = Runtime.build(settings)
-    ops = Operations(settings, runtime.traffic, runtime.store, runtime.purge, runtime.ratelimits)
+    ops = Operations(settings, runtime.traffic, runtime.store, runtime.purge, runtime.ratelimits, runtime.nameable)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
@@ -155,4 +163,4 @@ def create_app(settings: Settings) -> Starlette:
 
 def create_server_app(settings: Settings) -> ZeroCopyMiddleware:
     """The app as `serve` runs it: zero-copy must wrap Starlette's own middleware to see the server."""
-    return ZeroCopyMiddleware(create_app(settings))
+    return ZeroCopyMiddleware(create_app(settings), send_timeout=settings.send_timeout)

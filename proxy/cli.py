@@ -48,10 +48,12 @@ def _configure_logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
-    # httpx logs every URL at INFO, and CDN redirect URLs carry signed credentials.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    logging.getLogger("httpcore").setLevel(logging.WARNING)
+    # httpx logs every URL at INFO and urllib3 at DEBUG, and CDN redirect URLs (and /web/ URLs)
+    # carry signed credentials in their query strings.
+    for chatty in ("httpx", "httpcore", "urllib3"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     logging.getLogger("uvicorn.error").addFilter(_quiet_tls_probes)
+    logging.getLogger("uvicorn.access").addFilter(_no_signed_queries)
     logging.getLogger("uvicorn.error").addFilter(_condense_aborted_streams)
 
 
@@ -65,6 +67,14 @@ def _condense_aborted_streams(record: logging.LogRecord) -> bool:
     if isinstance(error, FillFailed):
         record.msg, record.args, record.exc_info = "response cut short: %s", (error,), None
         record.levelno, record.levelname = logging.WARNING, "WARNING"
+    return True
+
+
+def _no_signed_queries(record: logging.LogRecord) -> bool:
+    """A /web/ URL's query string may be a signature (a presigned S3 or GCS URL): never logged."""
+    args = record.args
+    if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str) and args[2].startswith("/web/"):
+        record.args = (*args[:2], args[2].split("?", 1)[0], *args[3:])
     return True
 
 
@@ -87,6 +97,7 @@ def serve(config_file: str | None, cache_dir: str | None, database_url: str | No
     import uvicorn
 
     from proxy.app import create_server_app
+    from proxy.http.server import HeadLimits, guarded_protocol
 
     settings = _settings(config_file, cache_dir=cache_dir, database_url=database_url, listen=listen)
     _configure_logging(settings.log_level)
@@ -94,6 +105,7 @@ def serve(config_file: str | None, cache_dir: str | None, database_url: str | No
         app = create_server_app(settings)
     except OSError as exc:
         _fail(f"cannot use cache_dir {settings.cache_dir}: {exc.strerror}")
+    _raise_open_file_limit(settings.max_connections)
     uvicorn.run(
         app,
         host=settings.host,
@@ -102,7 +114,22 @@ def serve(config_file: str | None, cache_dir: str | None, database_url: str | No
         access_log=settings.access_log,
         timeout_graceful_shutdown=10,
         server_header=False,
+        http=guarded_protocol(HeadLimits(settings.header_timeout, settings.max_headers, settings.max_head_size)),
+        limit_concurrency=settings.max_connections,
+        timeout_keep_alive=max(1, round(settings.keep_alive_timeout)),
     )
+
+
+def _raise_open_file_limit(connections: int) -> None:
+    """Every connection is a descriptor, and a busy mirror holds a few more per transfer: raise the
+    soft limit towards the hard one (commonly 1024 soft, far more hard)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = connections * 2 + 256
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, target), hard))
 
 
 @main.group()

@@ -284,6 +284,13 @@ class Settings(BaseSettings):
     node: str | None = None  # unique per node sharing the cache: names its temp files and counters (default: hostname)
     fill_lease: Duration = 15.0  # a filling node silent this long loses its download to another node
     follow_fills: Literal["stream", "commit"] = "stream"  # read another node's growing temp file, or wait for its commit
+    # -- limits against slow and hostile clients ----------------------------------------------------
+    max_connections: int = Field(default=4096, ge=16, le=1_000_000)  # beyond this, 503 at once
+    header_timeout: Duration = 10.0  # a request's head must arrive whole within this
+    keep_alive_timeout: Duration = 5.0  # an idle keep-alive connection is closed after this
+    send_timeout: Duration = 60.0  # a client that takes no byte of a body for this long is dropped
+    max_headers: int = Field(default=100, ge=8, le=10_000)
+    max_head_size: Size = 64 * 1024  # request line and headers together
     # -- the store's worker threads, one bounded pool per kind of work ------------------------------
     fill_threads: int = Field(default=128, ge=1, le=4096)  # upstream transfers at once (each holds a thread)
     index_threads: int = Field(default=8, ge=1, le=64)  # index queries at once

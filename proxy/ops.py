@@ -19,7 +19,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from proxy.config import Settings
-from proxy.stats import Traffic
+from proxy.stats import Nameable, Traffic
 from proxy.store.store import Store
 from proxy.store.janitor import PurgeResult
 
@@ -28,9 +28,11 @@ Purger = Callable[..., Awaitable[PurgeResult]]
 
 class Operations:
     def __init__(
-        self, settings: Settings, traffic: Traffic, store: Store, purge: Purger, ratelimits: Callable[[], dict[str, str]]
+        self, settings: Settings, traffic: Traffic, store: Store, purge: Purger, ratelimits: Callable[[], dict[str, str]],
+        nameable: Nameable,
     ) -> None:
         self._settings = settings
+        self._nameable = nameable
         self._traffic = traffic
         self._store = store
         self._purge = purge
@@ -44,7 +46,8 @@ class Operations:
             Route("/admin/purge", self.purge, methods=["POST"]),
         ]
 
-    async def report(self) -> dict[str, Any]:
+    async def report(self, *, admin: bool = False) -> dict[str, Any]:
+        """The /stats report; names of gated or private repos only for the admin."""
         index = self._store.index
         last, pins = await self._store.pools.index(lambda: (index.purges.last(), index.pins.all()))
         return await self._traffic.report(
@@ -52,12 +55,13 @@ class Operations:
             last_purge=asdict(last) if last else None,
             pins={name: {"blobs": len(digests)} for name, digests in sorted(pins.items())},
             ratelimits=self._ratelimits(),
+            nameable=None if admin else self._nameable,
         )
 
     async def stats(self, request: Request) -> Response:
         if (refusal := self._refuse(request, reading=True)) is not None:
             return refusal
-        return JSONResponse(await self.report())
+        return JSONResponse(await self.report(admin=self._is_admin(request)))
 
     async def metrics(self, request: Request) -> Response:
         if (refusal := self._refuse(request, reading=True)) is not None:
@@ -88,13 +92,16 @@ class Operations:
     def _refuse(self, request: Request, *, reading: bool) -> Response | None:
         if reading and self._settings.public_stats:
             return None
-        secret = self._settings.admin_secret()
-        if secret is None:
+        if self._settings.admin_secret() is None:
             return JSONResponse({"error": "admin endpoints are off: no admin_token is configured"}, status_code=404)
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), secret.encode()):
+        if not self._is_admin(request):
             return JSONResponse({"error": "admin token required"}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
         return None
+
+    def _is_admin(self, request: Request) -> bool:
+        secret = self._settings.admin_secret()
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        return secret is not None and scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), secret.encode())
 
 
 def dumps(report: dict[str, Any]) -> str:

@@ -12,7 +12,7 @@ import logging
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import anyio
@@ -30,6 +30,8 @@ FLUSH_SECONDS = 10.0
 HISTORY_POINTS = 1080  # three hours of 10 s points
 USAGE_SECONDS = 10.0  # how long a size/entry count from the index is reused
 TOP = 10
+Nameable = Callable[[str, str], Awaitable[bool]]  # (scope kind, name): may a report name it?
+MAX_REPOSITORIES = 10_000
 T = TypeVar("T")
 
 
@@ -83,12 +85,12 @@ class Traffic:
         if joined:
             self._count(origin, "coalesced")
             self._child(self._coalesced, origin.source, origin.upstream).inc()
-        self._repos[self._repo_key(scope)] += 1
+        self._count_repo(self._repos, scope, 1)
 
     def sent_from_cache(self, origin: Origin, scope: ReadScope, nbytes: int) -> None:
         self._count(origin, "bytes_from_cache", nbytes)
         self._child(self._bytes, origin.source, origin.upstream, "from_cache").inc(nbytes)
-        self._repo_bytes[self._repo_key(scope)] += nbytes
+        self._count_repo(self._repo_bytes, scope, nbytes)
 
     def fetched(self, origin: Origin, nbytes: int) -> None:
         """Bytes that came from upstream (small objects; blob fills report through fill_finished)."""
@@ -121,8 +123,13 @@ class Traffic:
         return child
 
     @staticmethod
-    def _repo_key(scope: ReadScope) -> tuple[str, str]:
-        return scope.kind, scope.name or scope.value
+    def _count_repo(table: Counter[tuple[str, str]], scope: ReadScope, amount: int) -> None:
+        """Per repository, for the top list: bounded, whatever names clients send (the least used
+        half goes when it is full)."""
+        table[(scope.kind, scope.name or scope.value)] += amount
+        if len(table) > MAX_REPOSITORIES:
+            for key, _ in table.most_common()[MAX_REPOSITORIES // 2 :]:
+                del table[key]
 
     async def _blocking(self, call: Callable[..., T], *args: Any) -> T:
         """Index work in the store's index pool (a worker thread when there is no store: the CLI)."""
@@ -190,8 +197,19 @@ class Traffic:
             self._cache_entries.set(self._usage.entries)
         return self._usage
 
+    async def _top(self, nameable: Nameable | None) -> list[tuple[tuple[str, str], int]]:
+        """The most requested repositories this report may name (`nameable`: none gated or private)."""
+        top = []
+        for (kind, name), count in self._repos.most_common(TOP * 5):
+            if nameable is None or await nameable(kind, name):
+                top.append(((kind, name), count))
+            if len(top) == TOP:
+                break
+        return top
+
     async def report(
-        self, *, max_size: int | None, last_purge: dict[str, Any] | None, pins: dict[str, Any], ratelimits: dict[str, str]
+        self, *, max_size: int | None, last_purge: dict[str, Any] | None, pins: dict[str, Any], ratelimits: dict[str, str],
+        nameable: Nameable | None = None,
     ) -> dict[str, Any]:
         totals = self.totals()
         usage = await self.usage()
@@ -216,7 +234,7 @@ class Traffic:
                 "per_upstream": list(per_upstream.values()),
                 "top_repositories": [
                     {"source": source, "repository": repo, "requests": count, "bytes_from_cache": self._repo_bytes[(source, repo)]}
-                    for (source, repo), count in self._repos.most_common(TOP)
+                    for (source, repo), count in await self._top(nameable)
                 ],
                 "last_purge": last_purge,
                 "pins": pins,

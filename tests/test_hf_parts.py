@@ -15,7 +15,7 @@ from proxy.sources.hf.names import parse_file_path, parse_repo, parse_revision, 
 
 
 def test_quoted_revision_stays_one_segment() -> None:
-    segments = raw_segments(b"/acme/tiny/resolve/refs%2Fpr%2F1/sub/config.json")
+    segments = raw_segments({"raw_path": b"/acme/tiny/resolve/refs%2Fpr%2F1/sub/config.json", "path": ""})
     assert segments == ["acme", "tiny", "resolve", "refs%2Fpr%2F1", "sub", "config.json"]
     assert parse_revision(segments[3]) == "refs/pr/1"
     assert parse_file_path(segments[4:]) == "sub/config.json"
@@ -27,15 +27,26 @@ def test_invalid_repo_ids_are_refused(parts: list[str]) -> None:
         parse_repo("model", parts)
 
 
-@pytest.mark.parametrize("parts", [["..", "etc", "passwd"], ["a", "%2e%2e", "b"], ["a", ""], ["a%00b"], ["a\\b"]])
+@pytest.mark.parametrize("parts", [
+    ["..", "etc", "passwd"], ["a", "%2e%2e", "b"], ["a", ""], ["a%00b"], ["a\\b"], ["a%5Cb"],
+    ["x%2F..%2F..%2Facme%2Fprivate%2Fresolve%2Fmain%2Fconfig.json"], ["%2e"], ["a%ffb"],
+])
 def test_file_paths_cannot_climb_or_hide(parts: list[str]) -> None:
     with pytest.raises(BadRequest):
         parse_file_path(parts)
 
 
-def test_revisions_refuse_control_characters() -> None:
+@pytest.mark.parametrize("raw", ["main%0aX-Injected: 1", "..", "%2e%2e", "refs%2F..%2Fmain", "refs%2Fpr%2F%2F1", ".", ""])
+def test_revisions_refuse_control_characters_and_dot_parts(raw: str) -> None:
     with pytest.raises(BadRequest):
-        parse_revision("main%0aX-Injected: 1")
+        parse_revision(raw)
+
+
+def test_a_double_encoded_dot_segment_stays_a_literal_name_upstream() -> None:
+    from proxy.sources.hf.names import quote_path
+
+    path = parse_file_path(["a", "%252e%252e", "b"])  # decoded once: the literal name "%2e%2e"
+    assert path == "a/%2e%2e/b" and quote_path(path) == "a/%252e%252e/b"
 
 
 def test_xet_fields_are_removed_at_any_depth_and_lfs_is_kept() -> None:

@@ -29,8 +29,8 @@ def upgrade() -> None:
         sa.Column("digest", sa.String(100), primary_key=True),
         sa.Column("scope", sa.String(512), primary_key=True),
         sa.Column("created_at", sa.Double(), nullable=False),
+        sqlite_with_rowid=False,
     )
-    op.create_index("ix_blob_scopes_created_at", "blob_scopes", ["created_at"])
     _admit_from_references()
 
 
@@ -62,5 +62,4 @@ def _admit_from_references() -> None:
 
 
 def downgrade() -> None:
-    op.drop_index("ix_blob_scopes_created_at", table_name="blob_scopes")
     op.drop_table("blob_scopes")

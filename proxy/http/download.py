@@ -6,10 +6,16 @@ Redirects are followed by hand so that credentials never reach another origin (a
 from __future__ import annotations
 
 import asyncio
+import functools
 import urllib.request
+from collections.abc import Callable
+from concurrent.futures import Executor
+from typing import TypeVar
 from urllib.parse import urljoin, urlsplit
 
 import urllib3
+
+T = TypeVar("T")
 
 TIMEOUT = urllib3.Timeout(connect=10.0, read=60.0)
 # Idempotent upstream requests are tried again this often on a connection error or one of these
@@ -49,28 +55,50 @@ class BlobDownload:
         self._response.release_conn()
 
 
+class RedirectRefused(Exception):
+    """The upstream redirected to a URL the rule that admitted the first one does not admit."""
+
+
+Admit = Callable[[str], bool]
+
+
 class BlobTransport:
     """Blocking GETs of blob bodies with urllib3, redirects followed by hand.
 
     Metadata and every small request stay on httpx; only the bytes of blobs come this way, because
-    reading them in a thread is 3-4x faster than an async stream (see the README).
+    reading them in a thread is 3-4x faster than an async stream (see the README). The blocking
+    calls run in the executor given (the store's fill pool), never in a pool lookups share: an
+    upstream that never answers holds fill threads only.
     """
 
     MAX_REDIRECTS = 5
 
-    def __init__(self, user_agent: str) -> None:
+    def __init__(self, user_agent: str, executor: Executor | None = None) -> None:
         self._user_agent = user_agent
+        self._executor = executor
         self._direct = urllib3.PoolManager(num_pools=64, maxsize=16, retries=False)
         self._proxies: dict[str, urllib3.ProxyManager] = {}
 
-    def get(self, url: str, authorization: str | None) -> urllib3.BaseHTTPResponse:
+    async def open(self, url: str, authorization: str | None, *, admit: Admit | None = None) -> urllib3.BaseHTTPResponse:
+        """The response of the first non-redirect hop, body unread. Each redirect target must pass
+        `admit` (RedirectRefused otherwise), and credentials never go to another origin."""
+        return await self._run(self.get, url, authorization, admit)
+
+    async def drain(self, response: urllib3.BaseHTTPResponse) -> bytes:
+        """An error response's body (at most 64 KiB of it), and the connection released."""
+        return await self._run(small_body, response)
+
+    async def _run(self, call: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(call, *args))
+
+    def get(self, url: str, authorization: str | None, admit: Admit | None = None) -> urllib3.BaseHTTPResponse:
         """Blocking: the response of the first non-redirect hop, body unread; TransferFailed if none."""
         try:
-            return self._get(url, authorization)
+            return self._get(url, authorization, admit)
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise TransferFailed(f"{type(exc).__name__}") from None
 
-    def _get(self, url: str, authorization: str | None) -> urllib3.BaseHTTPResponse:
+    def _get(self, url: str, authorization: str | None, admit: Admit | None) -> urllib3.BaseHTTPResponse:
         headers = {"User-Agent": self._user_agent, "Accept-Encoding": "identity"}
         if authorization is not None:
             headers["Authorization"] = authorization
@@ -84,6 +112,8 @@ class BlobTransport:
             response.drain_conn()
             response.release_conn()
             target = urljoin(url, location)
+            if admit is not None and not admit(target):
+                raise RedirectRefused(f"{_origin(url)[1]} redirected to a URL this mirror does not fetch")
             if _origin(target) != _origin(url):
                 headers.pop("Authorization", None)  # a CDN gets no registry credentials
             url = target

@@ -11,16 +11,13 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-import select
 import time
 from typing import Any
 
-import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 EXTENSION = "http.response.zerocopysend"
-STALL_TIMEOUT = 120.0  # seconds a client may take no bytes at all before it is dropped
-_SENDFILE_THREADS = anyio.CapacityLimiter(64)  # kept apart from the pool the index uses
+SEND_TIMEOUT = 60.0  # seconds a client may take no bytes at all before it is dropped (settings: send_timeout)
 
 
 class ClientGone(Exception):
@@ -28,8 +25,9 @@ class ClientGone(Exception):
 
 
 class ZeroCopyMiddleware:
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, *, send_timeout: float = SEND_TIMEOUT) -> None:
         self.app = app
+        self.send_timeout = send_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         cycle = getattr(send, "__self__", None)
@@ -43,7 +41,7 @@ class ZeroCopyMiddleware:
                 await send(message)
                 return
             try:
-                await _zerocopy_send(cycle, send, message)
+                await _zerocopy_send(cycle, send, message, self.send_timeout)
             except ClientGone:
                 pass  # the connection is closed; uvicorn sees the response as abandoned by the client
 
@@ -60,22 +58,17 @@ def _is_uvicorn_cycle(cycle: Any) -> bool:
     )
 
 
-async def _zerocopy_send(cycle: Any, send: Send, message: Message) -> None:
+async def _zerocopy_send(cycle: Any, send: Send, message: Message, send_timeout: float) -> None:
     if cycle.chunked_encoding or getattr(cycle, "disconnected", False):
         raise ClientGone("no zero-copy on this response")
     transport = cycle.transport
-    # The status line and headers went through the transport's buffer: flush them first.
-    deadline = time.monotonic() + STALL_TIMEOUT
-    while transport.get_write_buffer_size():
-        if transport.is_closing() or time.monotonic() > deadline:
-            raise ClientGone("client stopped reading")
-        await asyncio.sleep(0.001)
-    sock_fd = transport.get_extra_info("socket").fileno()
-    offset, count = message.get("offset", 0), message["count"]
-    file = message["file"]
-    file_fd = file if isinstance(file, int) else file.fileno()
     try:
-        sent = await anyio.to_thread.run_sync(_sendfile, sock_fd, file_fd, offset, count, limiter=_SENDFILE_THREADS)
+        await _flushed(transport, send_timeout)
+        sock_fd = transport.get_extra_info("socket").fileno()
+        offset, count = message.get("offset", 0), message["count"]
+        file = message["file"]
+        file_fd = file if isinstance(file, int) else file.fileno()
+        sent = await _sendfile(asyncio.get_running_loop(), sock_fd, file_fd, offset, count, send_timeout)
     except ClientGone:
         transport.close()  # uvicorn marks the cycle disconnected when the loop reports it lost
         for _ in range(3):
@@ -85,27 +78,48 @@ async def _zerocopy_send(cycle: Any, send: Send, message: Message) -> None:
     await send({"type": "http.response.body", "body": b"", "more_body": message.get("more_body", False)})
 
 
-def _sendfile(sock_fd: int, file_fd: int, offset: int, count: int) -> int:
-    """Blocking: sendfile on the non-blocking socket, waiting for it to drain with poll."""
-    poller = select.poll()
-    poller.register(sock_fd, select.POLLOUT | select.POLLERR | select.POLLHUP)
-    sent, last_progress = 0, time.monotonic()
-    while sent < count:
-        try:
-            n = os.sendfile(sock_fd, file_fd, offset + sent, count - sent)
-        except BlockingIOError:
-            for _, events in poller.poll(1000):
-                if events & (select.POLLERR | select.POLLHUP):
-                    raise ClientGone("client closed the connection") from None
-            if time.monotonic() - last_progress > STALL_TIMEOUT:
-                raise ClientGone("client stopped reading") from None
-            continue
-        except OSError as exc:
-            if exc.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF):
-                raise ClientGone(str(exc)) from None
-            raise
-        if n == 0:
-            raise OSError(f"file ended {count - sent} bytes early")
-        sent += n
-        last_progress = time.monotonic()
-    return sent
+async def _flushed(transport: Any, send_timeout: float) -> None:
+    """Wait until the status line and headers (written through the transport) have left its buffer."""
+    deadline, pause = time.monotonic() + send_timeout, 0.001
+    while transport.get_write_buffer_size():
+        if transport.is_closing() or time.monotonic() > deadline:
+            raise ClientGone("client stopped reading")
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 0.05)
+
+
+async def _sendfile(loop: asyncio.AbstractEventLoop, sock_fd: int, file_fd: int, offset: int, count: int, send_timeout: float) -> int:
+    """sendfile(2) on the non-blocking socket, in the event loop: when the socket is full, wait for
+    it to drain through the loop (a duplicate descriptor, so the transport's own registration is
+    untouched). No thread waits on a client, so clients that stop reading cannot take the threads
+    others need; one that makes no progress for `send_timeout` is dropped."""
+    watch = os.dup(sock_fd)
+    try:
+        sent = 0
+        while sent < count:
+            try:
+                n = os.sendfile(sock_fd, file_fd, offset + sent, count - sent)
+            except BlockingIOError:
+                await _writable(loop, watch, send_timeout)
+                continue
+            except OSError as exc:
+                if exc.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF):
+                    raise ClientGone(str(exc)) from None
+                raise
+            if n == 0:
+                raise OSError(f"file ended {count - sent} bytes early")
+            sent += n
+        return sent
+    finally:
+        os.close(watch)
+
+
+async def _writable(loop: asyncio.AbstractEventLoop, fd: int, timeout: float) -> None:
+    ready = loop.create_future()
+    loop.add_writer(fd, lambda: ready.done() or ready.set_result(None))
+    try:
+        await asyncio.wait_for(ready, timeout)
+    except asyncio.TimeoutError:
+        raise ClientGone("client stopped reading") from None
+    finally:
+        loop.remove_writer(fd)

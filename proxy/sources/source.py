@@ -23,6 +23,7 @@ from proxy.store.store import Store
 class Source(Protocol):
     name: str
     resource_kinds: tuple[ResourceKind, ...]  # which resource strings it prefetches
+    expiring_references: tuple[str, ...]  # reference namespaces the janitor removes once expired
 
     def __init__(self, settings: Settings, store: Store, http: httpx.AsyncClient, blobs: BlobTransport) -> None: ...
 
@@ -79,6 +80,10 @@ def source_classes() -> list[type[Source]]:
 def purge_rules(settings: Settings) -> list[TtlRule]:
     """Every source's purge rules, from the settings alone (`pullthrough purge` runs no source)."""
     return [rule for cls in source_classes() for rule in cls.purge_rules(settings)]
+
+
+def expiring_references() -> tuple[str, ...]:
+    return tuple(name for cls in source_classes() for name in cls.expiring_references)
 
 
 def build_sources(settings: Settings, store: Store, http: httpx.AsyncClient, blobs: BlobTransport) -> Sources:

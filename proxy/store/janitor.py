@@ -50,6 +50,7 @@ class Policy:
     max_size: int | None = None
     min_free: int | None = None
     grace: float = 120.0  # never remove what was read this recently (a reader may be opening it)
+    forget: tuple[str, ...] = ()  # reference namespaces (negative answers) removed once expired
 
 
 @dataclass
@@ -70,6 +71,7 @@ class Janitor:
         self.store = store
         self.index = index
         self.policy = policy
+        self._scopes_dropped_at = time.time()  # the first scan a day after start: it reads every admission
 
     def purge(
         self,
@@ -139,9 +141,16 @@ class Janitor:
         scopes admitted to digests that never became a blob."""
         leases = self.index.leases.drop_old(finished_before=now - FINISHED_LEASE_SECONDS, renewed_before=now - STALE_SECONDS)
         temps = self.store.sweep_stale_temps(STALE_SECONDS)
-        scopes = self.index.blobs.drop_unbacked_scopes(created_before=now - UNBACKED_SCOPE_SECONDS)
-        if leases or temps or scopes:
-            log.info("forgot %d finished fill leases, %d stale temp files and %d unbacked read scopes", leases, temps, scopes)
+        scopes = 0
+        if now - self._scopes_dropped_at >= UNBACKED_SCOPE_SECONDS:  # a scan of every admission: daily
+            scopes = self.index.blobs.drop_unbacked_scopes(created_before=now - UNBACKED_SCOPE_SECONDS)
+            self._scopes_dropped_at = now
+        refs = self.index.refs.drop_expired(self.policy.forget, now)
+        if leases or temps or scopes or refs:
+            log.info(
+                "forgot %d finished fill leases, %d stale temp files, %d unbacked read scopes and %d expired answers",
+                leases, temps, scopes, refs,
+            )
 
     def _expired(self, now: float, older_than: float | None) -> list[tuple[str, int]]:
         if older_than is not None:

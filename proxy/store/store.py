@@ -154,10 +154,14 @@ class Store:
         """The committed blob if this scope may read it (admitted, or confirmed by the upstream now)."""
         if request.digest is None:
             return None
-        blob = await self.pools.files(self.files.stat, request.digest)
+        # The file's stat and the scope's admission at once: a hit after a restart needs both
+        # from threads (the admission from the index), and waiting for one then the other doubled it.
+        blob, admitted = await asyncio.gather(
+            self.pools.files(self.files.stat, request.digest), self.admitted(request.scope, request.digest)
+        )
         if blob is None:
             return None
-        if await self.admitted(request.scope, blob.digest):
+        if admitted:
             return blob
         if request.name is not None:
             return None  # bytes named by an object's key: a fill by name lets the upstream decide
@@ -235,7 +239,8 @@ class Store:
     # -- read scopes (scopes.py); small objects have a door of their own: `small_objects` (small.py)
     async def holds(self, scope: ReadScope, digest: Digest) -> bool:
         """Whether the blob is committed and this scope may read it: served without the upstream."""
-        return await self.pools.files(self.files.stat, digest) is not None and await self.admitted(scope, digest)
+        blob, admitted = await asyncio.gather(self.pools.files(self.files.stat, digest), self.admitted(scope, digest))
+        return blob is not None and admitted
 
     async def admitted(self, scope: ReadScope, digest: Digest) -> bool:
         return await self.scopes.admitted(scope, digest)

@@ -157,5 +157,12 @@ class Pullthrough:
                 pass
         return max(sizes)
 
+    @property
+    def database_url(self) -> str:
+        """The index this server uses: its configured database_url, else SQLite in the cache dir."""
+        import tomllib
+
+        return tomllib.loads(self.config_text).get("database_url") or f"sqlite:///{self.cache_dir / 'index.db'}"
+
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -55,25 +55,34 @@ class AccessGuard:
             raise UpstreamHfError(int(refusal["status"]), dict(refusal["headers"]), str(refusal["body"]).encode())
 
     async def visibility(self, repo: Repo) -> str:
-        """The last known visibility; PRIVATE (fail closed) when the Hub was never asked and cannot be."""
+        """The last known visibility; PRIVATE (fail closed) when the Hub was never asked and cannot
+        be, or does not show the repo to the mirror (private, or no such repo: not remembered, so
+        that names a client makes up add no rows)."""
         try:
             resolved = await self._store.freshness.resolve(
                 VISIBILITY, repo.key, ttl=self._config.revision_ttl, revalidate=lambda _previous: self._ask_visibility(repo)
             )
-        except HubUnavailable:
+        except (HubUnavailable, _NotShown):
             return PRIVATE
         return str(resolved.ref.meta.get("visibility", PRIVATE))
 
+    async def known_public(self, repo_key: str) -> bool:
+        """Whether the repo was last seen public, from the cache alone (for /stats, which must not
+        name a gated or private repo, nor ask the Hub)."""
+        ref = await self._store.refs.get(VISIBILITY, repo_key)
+        return ref is not None and ref.meta.get("visibility") == PUBLIC
+
     async def _ask_visibility(self, repo: Repo) -> Found:
         response = await self._client.api("GET", f"/api/{repo.api_kind}/{repo.id}", token=self._config.service_token())
+        if response.status_code != 200:
+            raise _NotShown()
         visibility = PRIVATE
-        if response.status_code == 200:
-            try:
-                info = response.json()
-                if isinstance(info, dict) and info.get("private") is False:
-                    visibility = GATED if info.get("gated") else PUBLIC
-            except ValueError:
-                pass
+        try:
+            info = response.json()
+            if isinstance(info, dict) and info.get("private") is False:
+                visibility = GATED if info.get("gated") else PUBLIC
+        except ValueError:
+            pass
         return Found("", meta={"visibility": visibility})
 
     async def _ask_hub(self, repo: Repo, token: str | None) -> Found:
@@ -86,3 +95,7 @@ class AccessGuard:
 
 def _token_hash(token: str | None) -> str:
     return hashlib.sha256(token.encode()).hexdigest() if token else ""
+
+
+class _NotShown(Exception):
+    """The Hub does not show the repo to the mirror's own token."""

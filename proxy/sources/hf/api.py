@@ -19,7 +19,8 @@ from starlette.responses import Response
 
 from proxy.config import HfConfig
 from proxy.sources.hf.access import AccessGuard
-from proxy.sources.hf.errors import UpstreamHfError, translate
+from proxy.http.bounded import TooLarge, read_request_body
+from proxy.sources.hf.errors import HfError, UpstreamHfError, translate
 from proxy.sources.hf.files import FileService, hub_origin
 from proxy.sources.hf.names import Repo, is_commit, quote_path, quote_revision
 from proxy.sources.hf.upstream import HubClient
@@ -30,6 +31,10 @@ from proxy.store.store import Store
 log = logging.getLogger(__name__)
 
 SOURCE = "hf-api"
+MAX_BODY = 1024 * 1024  # a paths-info POST lists paths: a megabyte holds thousands
+# The query parameters huggingface_hub sends (tree, repo info, refs); others are neither passed on
+# nor part of a cache key, so that made-up parameters cannot multiply the cached answers.
+API_PARAMETERS = frozenset({"recursive", "expand", "cursor", "limit", "blobs", "securityStatus", "include_prs"})
 _LINK_PART = re.compile(r"<([^>]*)>\s*((?:;\s*[^,;]+)*)")
 
 
@@ -78,8 +83,12 @@ class ApiService:
     async def answer(self, repo: Repo, path: str, revision: str | None, request: Request, token: str | None) -> Response:
         """Any cacheable API call: `path` is the upstream path after the host."""
         await self._access.check(repo, token, files=False)
-        body = await request.body() if request.method == "POST" else b""
-        key = _cache_key(request.method, path, request.query_params.multi_items(), body)
+        try:
+            body = await read_request_body(request, MAX_BODY) if request.method == "POST" else b""
+        except TooLarge:
+            raise HfError(413, f"request body larger than {MAX_BODY} bytes") from None
+        query = [(k, v) for k, v in request.query_params.multi_items() if k in API_PARAMETERS and len(v) <= 256]
+        key = _cache_key(request.method, path, query, body)
         immutable = revision is not None and is_commit(revision)
 
         async def fetch() -> Document:
@@ -87,7 +96,7 @@ class ApiService:
                 request.method,
                 path,
                 token=token or self._config.service_token(),
-                params=request.query_params.multi_items(),
+                params=query,
                 content=body or None,
                 content_type=request.headers.get("content-type") if body else None,
             )

@@ -6,6 +6,7 @@ EntryNotFoundError, …) from `X-Error-Code`, so upstream errors are passed thro
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 
 import httpx
@@ -27,8 +28,8 @@ class HfError(Exception):
         self.code = code
         self.headers = dict(headers or {})
 
-    def response(self) -> Response:
-        headers = {"X-Error-Message": self.message, **self.headers}
+    def response(self, method: str = "GET") -> Response:
+        headers = {"X-Error-Message": _header_safe(self.message), **self.headers}
         if self.code:
             headers["X-Error-Code"] = self.code
         return JSONResponse({"error": self.message}, status_code=self.status, headers=headers)
@@ -53,8 +54,18 @@ class UpstreamHfError(HfError):
             return error
         return cls(response.status_code, response.headers, response.content)
 
-    def response(self) -> Response:
-        return Response(self.body, status_code=self.status, headers=self.replay_headers)
+    def response(self, method: str = "GET") -> Response:
+        """The Hub's answer as it came. A HEAD's answer announces the length of the body a GET would
+        get; that length goes only to a HEAD: a GET gets the body this error holds, and its length."""
+        headers = dict(self.replay_headers)
+        if method == "HEAD":
+            return Response(b"", status_code=self.status, headers=headers)
+        headers.pop("content-length", None)
+        if self.body:
+            return Response(self.body, status_code=self.status, headers=headers)
+        # Learned from a HEAD (which has no body): the body a GET of the Hub would carry.
+        headers["content-type"] = "application/json"
+        return Response(json.dumps({"error": self.message}).encode(), status_code=self.status, headers=headers)
 
 
 class HubUnavailable(HfError, UpstreamUnreachable):
@@ -72,6 +83,11 @@ class BadRequest(HfError):
 class NotFound(HfError):
     def __init__(self, message: str = "not found") -> None:
         super().__init__(404, message)
+
+
+def _header_safe(text: str) -> str:
+    """A message fit for a header value: one line, printable, bounded."""
+    return "".join(c if 0x20 <= ord(c) < 0x7F else "?" for c in text)[:500]
 
 
 def translate(exc: BaseException) -> HfError:

@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 REVISIONS = "hf-rev"
 FILES = "hf-file"
+MISSING = "hf-missing"  # forgettable: the janitor removes these once expired
+MISSING_SECONDS = 7 * 86400.0
 _HEX40 = re.compile(r"^[0-9a-f]{40}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -181,9 +183,10 @@ class FileService:
         return commit, heads[0] if heads else await self._file_meta(repo, commit, path, token)
 
     async def _file_meta(self, repo: Repo, commit: str, path: str, token: str | None) -> FileMeta:
-        known = await self._store.refs.get(FILES, _file_key(repo, commit, path))
-        if known is not None:
-            return FileMeta.from_meta(dict(known.meta))
+        for source in (FILES, MISSING):
+            known = await self._store.refs.get(source, _file_key(repo, commit, path))
+            if known is not None:
+                return FileMeta.from_meta(dict(known.meta))
         _, meta = await self._head_once(repo, commit, path, token)
         return meta
 
@@ -200,7 +203,7 @@ class FileService:
             if error.status == 404 and error.code == "EntryNotFound" and commit and is_commit(commit):
                 await self.remember_revision(repo, revision, commit)
                 meta = FileMeta("", 0, False, None, "", missing=True, error_body=error.message)
-                await self._remember_file(repo, commit, path, meta)
+                await self._remember_missing(repo, commit, path, meta)
             raise
         commit = response.headers.get("x-repo-commit")
         if not commit or not is_commit(commit):
@@ -215,6 +218,15 @@ class FileService:
             return
         now = time.time()
         await self._store.refs.put(Reference(REVISIONS, f"{repo.key}@{revision}", commit, now, now + self._config.revision_ttl))
+
+    async def _remember_missing(self, repo: Repo, commit: str, path: str, meta: FileMeta) -> None:
+        """A file the Hub says does not exist at a commit (transformers probes optional files): kept
+        for MISSING_SECONDS, then forgotten by the janitor, so that probes of made-up names do not
+        add rows forever."""
+        now = time.time()
+        await self._store.refs.put(
+            Reference(MISSING, _file_key(repo, commit, path), "", now, now + MISSING_SECONDS, meta=meta.as_meta())
+        )
 
     async def _remember_file(self, repo: Repo, commit: str, path: str, meta: FileMeta) -> None:
         now = time.time()

@@ -19,7 +19,7 @@ from proxy.http.download import BlobTransport
 from proxy.sources.hf.access import AccessGuard
 from proxy.sources.hf.api import ApiService, repo_info_path, tree_path
 from proxy.sources.hf.errors import HfError, HubUnavailable, NotFound, UpstreamHfError
-from proxy.sources.hf.files import FileService
+from proxy.sources.hf.files import MISSING, FileService
 from proxy.sources.hf.names import REPO_TYPES, Repo, parse_file_path, parse_repo, parse_revision, quote_revision, raw_segments
 from proxy.sources.hf.upstream import HubClient
 from proxy.store.janitor import TtlRule
@@ -35,6 +35,7 @@ SNAPSHOTS = "hf-snapshot"  # a repo's file list at a revision, as the last prefe
 class HfMirror:
     name = "hf"
     resource_kinds: tuple[ResourceKind, ...] = ("hf",)
+    expiring_references: tuple[str, ...] = (MISSING,)
 
     def __init__(self, settings: Settings, store: Store, http: httpx.AsyncClient, blobs: BlobTransport) -> None:
         config = settings.hf
@@ -100,13 +101,13 @@ class HfMirror:
         try:
             return await handler(request)
         except HfError as exc:
-            return exc.response()
+            return exc.response(request.method)
         except Exception:
             log.exception("unexpected error on %s %s", request.method, request.url.path)
-            return HfError(500, "internal error in the mirror").response()
+            return HfError(500, "internal error in the mirror").response(request.method)
 
     async def _resolve(self, request: Request) -> Response:
-        segments = raw_segments(request.scope.get("raw_path") or request.url.path.encode())
+        segments = raw_segments(request.scope)
         repo_type = "model"
         if segments and segments[0] in ("datasets", "spaces"):
             repo_type, segments = REPO_TYPES[segments[0]], segments[1:]
@@ -119,7 +120,7 @@ class HfMirror:
         raise NotFound(f"no route for {request.url.path[:200]}")
 
     async def _api(self, request: Request) -> Response:
-        segments = raw_segments(request.scope.get("raw_path") or request.url.path.encode())[1:]
+        segments = raw_segments(request.scope)[1:]
         if not segments or segments[0] not in REPO_TYPES:
             raise NotFound(f"no route for {request.url.path[:200]}")
         repo_type, rest = REPO_TYPES[segments[0]], segments[1:]

@@ -9,15 +9,16 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 
-import anyio
 import httpx
 
 from proxy.config import HfConfig
-from proxy.http.download import RETRIES, RETRY_STATUSES, BlobDownload, BlobTransport, TransferFailed, retry_pause, small_body
-from proxy.sources.hf.errors import HubUnavailable, UpstreamHfError
+from proxy.http.download import RETRIES, RETRY_STATUSES, BlobDownload, BlobTransport, TransferFailed, retry_pause
+from proxy.http.bounded import TooLarge, send_bounded
+from proxy.sources.hf.errors import HfError, HubUnavailable, UpstreamHfError
 from proxy.sources.hf.names import Repo, quote_path, quote_revision
 
 MAX_REDIRECTS = 5
+MAX_ANSWER = 32 * 1024 * 1024  # an API answer (a tree page, a paths-info) is held whole: at most this
 # After the Hub failed, requests fail at once for this long instead of each retrying: cached
 # answers are served without a second's wait per file during an outage.
 OUTAGE_SECONDS = 10.0
@@ -63,15 +64,6 @@ class HubClient:
             raise UpstreamHfError.from_response(response)
         raise HubUnavailable("the Hub redirected too many times")
 
-    async def get_small_file(self, repo: Repo, commit: str, path: str, token: str | None) -> httpx.Response:
-        """A regular (non-LFS) file's bytes, whole."""
-        response = await self._send(
-            "GET", self.resolve_url(repo, commit, path), headers={"Accept-Encoding": "identity", **bearer(token)}, follow=True
-        )
-        if not response.is_success:
-            raise UpstreamHfError.from_response(response)
-        return response
-
     async def open_file(self, repo: Repo, commit: str, path: str, token: str | None) -> BlobDownload:
         """A large file's body, open, for the store to read in a worker thread."""
         url = self.resolve_url(repo, commit, path)
@@ -79,7 +71,7 @@ class HubClient:
         self._check_outage()
         for attempt in range(RETRIES + 1):
             try:
-                response = await anyio.to_thread.run_sync(self._blobs.get, url, authorization)
+                response = await self._blobs.open(url, authorization)
             except TransferFailed as exc:
                 if attempt < RETRIES:
                     await retry_pause(attempt)
@@ -87,7 +79,7 @@ class HubClient:
                 raise self._outage(f"the Hub is unreachable: {exc}") from None
             if 200 <= response.status < 300:
                 return BlobDownload(response)
-            body = await anyio.to_thread.run_sync(small_body, response)
+            body = await self._blobs.drain(response)
             if response.status in RETRY_STATUSES and attempt < RETRIES:
                 await retry_pause(attempt)
                 continue
@@ -127,9 +119,10 @@ class HubClient:
         self._check_outage()
         for attempt in range(RETRIES + 1):
             try:
-                response = await self._http.request(
-                    method, url, headers=headers, params=params, content=content, follow_redirects=follow
-                )
+                request = self._http.build_request(method, url, headers=headers, params=params, content=content)
+                response = await send_bounded(self._http, request, MAX_ANSWER, follow_redirects=follow)
+            except TooLarge:
+                raise HfError(502, f"the Hub's answer is larger than {MAX_ANSWER} bytes: not held by the mirror") from None
             except httpx.TransportError as exc:
                 if idempotent and attempt < RETRIES:
                     await retry_pause(attempt)

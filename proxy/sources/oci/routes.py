@@ -15,7 +15,8 @@ from starlette.routing import BaseRoute, Route
 from proxy.config import Settings
 from proxy.resources import Fetched, FetchedFile, Resource, ResourceKind
 from proxy.sources.oci.blobs import BlobService
-from proxy.sources.oci.errors import API_VERSION_HEADER, OciError, Unsupported
+from proxy.http.paths import UnsafePath, decode_segments, raw_segments_after
+from proxy.sources.oci.errors import API_VERSION_HEADER, NameInvalid, OciError, Unsupported
 from proxy.sources.oci.manifests import ALL_MANIFEST_TYPES, DOCKER_LIST, OCI_INDEX, SOURCE, ManifestService, parse_accept
 from proxy.sources.oci.names import Kind, Router, Target
 from proxy.sources.oci.upstream import BlobTransport, RegistryClient
@@ -33,6 +34,7 @@ class OciMirror:
 
     name = "oci"
     resource_kinds: tuple[ResourceKind, ...] = ("image",)
+    expiring_references: tuple[str, ...] = ()
 
     def __init__(self, settings: Settings, store: Store, http: httpx.AsyncClient, blobs: BlobTransport) -> None:
         self.router = Router(settings.registries)
@@ -101,7 +103,7 @@ class OciMirror:
         try:
             if request.method not in ("GET", "HEAD"):
                 raise Unsupported("pullthrough is a read-only mirror: pushes and deletes are not supported")
-            target = self.router.route(request.path_params["rest"], request.query_params.get("ns"))
+            target = self.router.route(_checked_path(request), request.query_params.get("ns"))
             if target.kind is Kind.BLOB:
                 return await self.blobs.serve(target, request)
             if target.kind is Kind.MANIFEST:
@@ -150,6 +152,14 @@ def split_image_reference(image: str) -> tuple[str, str]:
     if colon > slash:
         return image[:colon], image[colon + 1 :]
     return image, "latest"
+
+
+def _checked_path(request: Request) -> str:
+    """The path after /v2/, each segment decoded once and checked (proxy/http/paths.py)."""
+    try:
+        return "/".join(decode_segments(raw_segments_after(request.scope, "/v2/")))
+    except UnsafePath as exc:
+        raise NameInvalid(str(exc)) from None
 
 
 def _mirror_v2(target: Target) -> str:

@@ -16,11 +16,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-import anyio
 import httpx
 
 from proxy.config import RegistryConfig
-from proxy.http.download import RETRIES, RETRY_STATUSES, BlobDownload, BlobTransport, TransferFailed, retry_pause, small_body
+from proxy.http.bounded import TooLarge, send_bounded
+from proxy.http.download import RETRIES, RETRY_STATUSES, BlobDownload, BlobTransport, TransferFailed, retry_pause
 from proxy.sources.oci.errors import (
     BY_CODE,
     BlobUnknown,
@@ -36,6 +36,7 @@ from proxy.sources.oci.errors import (
 log = logging.getLogger(__name__)
 
 
+MAX_ANSWER = 8 * 1024 * 1024  # manifests (4 MiB at most), tag lists, token answers: held whole, so bounded
 _CHALLENGE_PARAM = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
 
 
@@ -118,7 +119,7 @@ class RegistryClient:
         for attempt in range(RETRIES + 1):
             auth, from_cache = await self._authorization(scope)
             try:
-                response = await anyio.to_thread.run_sync(self._blobs.get, url, auth)
+                response = await self._blobs.open(url, auth)
             except TransferFailed as exc:
                 if attempt < RETRIES:
                     await retry_pause(attempt)
@@ -127,7 +128,7 @@ class RegistryClient:
             self._note_ratelimit(response.headers)
             if 200 <= response.status < 300:
                 return BlobDownload(response)
-            content = await anyio.to_thread.run_sync(small_body, response)
+            content = await self._blobs.drain(response)
             if response.status == 401 and not refreshed:
                 challenge = parse_challenge(response.headers.get("www-authenticate", ""))
                 if challenge is not None and (challenge != self._challenge or auth is None or from_cache):
@@ -196,7 +197,10 @@ class RegistryClient:
             request_headers["Authorization"] = auth
         request = self._http.build_request(method, url, headers=request_headers, params=params)
         # httpx drops Authorization when a redirect leaves the origin (a CDN), as it must.
-        return await self._http.send(request, follow_redirects=True)
+        try:
+            return await send_bounded(self._http, request, MAX_ANSWER, follow_redirects=True)
+        except TooLarge:
+            raise UpstreamError(502, "UNKNOWN", f"{self.registry.name} answered with more than {MAX_ANSWER} bytes") from None
 
     def _learn_challenge(self, challenge: Challenge, scope: str, token_was_cached: bool) -> None:
         if token_was_cached and self._challenge is not None:
@@ -249,11 +253,13 @@ class RegistryClient:
         return token
 
     def _may_receive_credentials(self, realm: str) -> bool:
-        realm_parts = urlsplit(realm)
-        registry_host = urlsplit(self.registry.base_url).hostname
-        if realm_parts.scheme != "https" and realm_parts.hostname != registry_host:
-            return False
-        return realm_parts.hostname == registry_host or realm_parts.hostname in self.registry.auth_realm_hosts
+        """The registry's own host or a configured realm host, over https; over plain http only the
+        registry's own host, and only when the registry itself is configured as http (the
+        credentials travel in the clear to it anyway): never a downgrade from an https registry."""
+        realm_parts, registry = urlsplit(realm), urlsplit(self.registry.base_url)
+        if realm_parts.scheme == "https":
+            return realm_parts.hostname == registry.hostname or realm_parts.hostname in self.registry.auth_realm_hosts
+        return realm_parts.scheme == "http" and registry.scheme == "http" and realm_parts.hostname == registry.hostname
 
     def _note_ratelimit(self, headers: Mapping[str, str]) -> None:
         remaining = headers.get("ratelimit-remaining")

@@ -17,6 +17,7 @@ from botocore.config import Config
 from proxy.config import S3Bucket, S3Config
 from proxy.sources.objects import ObjectError, Unreachable
 
+MAX_LISTED = 100_000  # a listing is held whole (and cached): a model's folder, not a bucket of millions
 _CLIENT_CONFIG = Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=10, read_timeout=60)
 
 
@@ -78,6 +79,8 @@ class S3Clients:
                         {"key": item["Key"], "size": item["Size"], "etag": item.get("ETag", ""),
                          "last_modified": item["LastModified"].isoformat()}
                     )
+                if len(objects) > MAX_LISTED:
+                    raise ObjectError(413, "TooManyObjects", f"s3://{bucket.name}/{prefix} holds more than {MAX_LISTED} objects: name a narrower prefix")
         return objects
 
 

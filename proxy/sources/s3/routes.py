@@ -20,6 +20,7 @@ import httpx
 
 from proxy.config import S3Bucket, Settings
 from proxy.http.download import BlobTransport
+from proxy.http.paths import UnsafePath, decode_segment, raw_segments_after
 from proxy.resources import Fetched, FetchedFile, Resource, ResourceKind
 from proxy.sources.objects import ObjectError, ObjectMirror, ObjectName, Version, translate
 from proxy.sources.s3.client import S3Clients
@@ -40,6 +41,7 @@ MAX_KEY = 1024
 class S3Mirror:
     name = SOURCE
     resource_kinds: tuple[ResourceKind, ...] = ("s3",)
+    expiring_references: tuple[str, ...] = ()
 
     def __init__(self, settings: Settings, store: Store, http: httpx.AsyncClient, blobs: BlobTransport) -> None:
         config = settings.s3
@@ -64,7 +66,7 @@ class S3Mirror:
 
     async def dispatch(self, request: Request) -> Response:
         try:
-            bucket_name, _, key = request.path_params["rest"].partition("/")
+            bucket_name, key = _bucket_and_key(request)
             bucket = self.allowed(bucket_name, key)
             if key == "" or key.endswith("/"):
                 listing = await self._listing(bucket, key, method=request.method)
@@ -74,11 +76,18 @@ class S3Mirror:
             return exc.response()
 
     def allowed(self, bucket_name: str, key: str) -> S3Bucket:
+        """The configured bucket, for a key that cannot climb out of it (also for keys of resource
+        sets and the CLI, which do not come through a request path)."""
         bucket = self.config.bucket(bucket_name)
         if bucket is None:
             raise ObjectError(403, "BucketNotConfigured", f"bucket {bucket_name[:64]!r} is not served by this mirror: add it to [s3] buckets")
-        if len(key) > MAX_KEY or "\x00" in key:
-            raise ObjectError(400, "InvalidKey", "invalid object key")
+        parts = key.split("/")
+        if (
+            len(key) > MAX_KEY
+            or any(part in (".", "..") or any(ord(c) < 0x20 or ord(c) == 0x7F for c in part) or "\\" in part for part in parts)
+            or "" in parts[:-1]
+        ):
+            raise ObjectError(400, "InvalidKey", "invalid object key: no dot segments, empty segments or control characters")
         return bucket
 
     def origin(self, bucket: S3Bucket) -> Origin:
@@ -131,6 +140,8 @@ class S3Mirror:
 
         async def fetch() -> Document:
             objects = await self.clients.list(bucket, prefix)
+            if not objects:  # not remembered: prefixes a client makes up add no rows
+                raise ObjectError(404, "NoSuchPrefix", f"nothing under s3://{bucket.name}/{prefix}")
             listing = {"bucket": bucket.name, "prefix": prefix, "objects": objects}
             return Document(json.dumps(listing).encode(), "application/json")
 
@@ -139,3 +150,13 @@ class S3Mirror:
             ttl=self.config.object_ttl, fetch=fetch, method=method, translate=translate,
         )
         return item
+
+
+def _bucket_and_key(request: Request) -> tuple[str, str]:
+    """The bucket and the key, each segment of the raw path decoded once and checked."""
+    try:
+        segments = raw_segments_after(request.scope, "/s3/")
+        bucket = decode_segment(segments[0])
+        return bucket, "/".join(decode_segment(s) for s in segments[1:])
+    except UnsafePath as exc:
+        raise ObjectError(400, "InvalidKey", str(exc)) from None

@@ -1,9 +1,11 @@
 """GET/HEAD /web/{url} for URLs under an allowed prefix, and /ipfs/{cid}[/{path}] through gateways.
 
-/web/ is never an open proxy: a URL outside `[web] allow` is 403 before anything is fetched.
-Web answers are revalidated after `ttl` by ETag or Last-Modified, and answers the origin marks
-private or no-store are refused. IPFS content is immutable: CIDv0 and CIDv1 of the same content
-name one cache entry, and gateways are tried in order.
+/web/ is never an open proxy: a URL outside `[web] allow` is 403 before anything is fetched, and
+every redirect hop must be under an allowed prefix too. Web answers are revalidated after `ttl` by
+ETag or Last-Modified, and answers the origin marks private or no-store are refused; a URL's query
+string (a signed URL's signature) goes to the origin but never into a cache key or a log line.
+IPFS content is immutable: CIDv0 and CIDv1 of the same content name one cache entry, gateways are
+tried in order, and their redirects must stay under a configured gateway's /ipfs/.
 """
 
 from __future__ import annotations
@@ -12,9 +14,8 @@ import logging
 import re
 import time
 from collections.abc import Sequence
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urljoin, urlsplit
 
-import anyio
 import httpx
 from multiformats import CID
 from starlette.requests import Request
@@ -22,8 +23,9 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from proxy.config import Settings
+from proxy.http.download import Admit, BlobDownload, BlobTransport, RedirectRefused, TransferFailed
+from proxy.http.paths import UnsafePath, decode_segment, quote_segments, raw_path
 from proxy.resources import Fetched, FetchedFile, Resource, ResourceKind
-from proxy.http.download import BlobDownload, BlobTransport, TransferFailed, small_body
 from proxy.sources.objects import ObjectError, ObjectMirror, ObjectName, Unreachable, Version
 from proxy.store.blobs import BlobFile
 from proxy.store.janitor import TtlRule
@@ -33,16 +35,19 @@ from proxy.store.store import Store
 log = logging.getLogger(__name__)
 
 MAX_URL = 4096
+MAX_REDIRECTS = 5
 IMMUTABLE_TTL = float(2**40)
+_URL = re.compile(r"^(https?):/+([^/?#]+)(/[^?#]*)?$")
+_AUTHORITY = re.compile(r"^[A-Za-z0-9.-]+(:[0-9]{1,5})?$|^\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$")
 
 
 class WebMirror:
     name = "web"
     resource_kinds: tuple[ResourceKind, ...] = ("https", "ipfs")
+    expiring_references: tuple[str, ...] = ()
 
     def __init__(self, settings: Settings, store: Store, http: httpx.AsyncClient, blobs: BlobTransport) -> None:
-        config = settings.web
-        self.config = config
+        self.config = settings.web
         self._http = http
         self._blobs = blobs
         self._web = ObjectMirror(store, "web")
@@ -71,100 +76,155 @@ class WebMirror:
     # -- /web/ ---------------------------------------------------------------------------------------
     async def web(self, request: Request) -> Response:
         try:
-            url = self.allowed_url(request.path_params["rest"], request.url.query)
-            return await self._web.serve(self._web_name(url), request)
+            path = raw_path(request.scope)
+            if not path.startswith("/web/"):
+                raise ObjectError(400, "InvalidURL", "expected /web/http(s)://host/path")
+            query = request.scope.get("query_string", b"").decode("latin-1")
+            url, key = self.allowed_url(path[len("/web/"):], query)
+            return await self._web.serve(self._web_name(url, key), request)
         except ObjectError as exc:
             return exc.response()
 
-    def _web_name(self, url: str) -> ObjectName:
+    def _web_name(self, url: str, key: str) -> ObjectName:
         # The longest allowed prefix: one URL always belongs to the same scope.
-        prefix = max((p for p in self.config.allow if _under(url, p)), key=len)
-        return ObjectName(url, ReadScope.web(prefix), Origin("web", urlsplit(url).netloc), self.config.ttl, lambda: self.probe_url(url))
+        prefix = max((p for p in self.config.allow if _under(key, p)), key=len)
+        return ObjectName(key, ReadScope.web(prefix), Origin("web", urlsplit(key).netloc), self.config.ttl, lambda: self.probe_url(url))
 
-    def allowed_url(self, rest: str, query: str = "") -> str:
-        url = re.sub(r"^(https?):/+", r"\1://", rest) + (f"?{query}" if query else "")
-        parts = urlsplit(url)
-        if len(url) > MAX_URL or parts.scheme not in ("http", "https") or not parts.hostname:
+    def allowed_url(self, text: str, query: str = "") -> tuple[str, str]:
+        """(the URL to fetch, the cache's key for it: the URL without its query). The URL stays as
+        the client encoded it; each path segment is decoded once to check it cannot climb."""
+        match = _URL.match(text)
+        if len(text) + len(query) > MAX_URL or match is None:
             raise ObjectError(400, "InvalidURL", "expected /web/http(s)://host/path")
-        if parts.username or parts.password or any(seg in ("..", ".") for seg in unquote(parts.path).split("/")):
-            raise ObjectError(400, "InvalidURL", "URLs with credentials or dot segments are refused")
-        if not any(_under(url, prefix) for prefix in self.config.allow):
-            raise ObjectError(403, "NotAllowed", f"{url[:200]} is not under any prefix in [web] allow: this mirror is not an open proxy")
-        return url
+        scheme, authority, path = match.group(1), match.group(2), match.group(3) or "/"
+        if not _AUTHORITY.match(authority):
+            raise ObjectError(400, "InvalidURL", "URLs with credentials or an unusual host are refused")
+        try:
+            for segment in path.split("/")[1:]:
+                decode_segment(segment)
+            if any(ord(c) < 0x20 or ord(c) == 0x7F for c in query):
+                raise UnsafePath("control characters in the query")
+        except UnsafePath as exc:
+            raise ObjectError(400, "InvalidURL", f"refused: {exc}") from None
+        key = f"{scheme}://{authority.lower()}{path}"
+        if not self._admits(key):
+            raise ObjectError(403, "NotAllowed", f"{key[:200]} is not under any prefix in [web] allow: this mirror is not an open proxy")
+        return key + (f"?{query}" if query else ""), key
+
+    def _admits(self, url: str) -> bool:
+        """Whether a URL (without its query) is one /web/ may fetch: the rule every redirect hop passes too."""
+        parts = urlsplit(url)
+        if parts.username or parts.password or parts.scheme not in ("http", "https"):
+            return False
+        try:
+            for segment in parts.path.split("/")[1:]:
+                decode_segment(segment)
+        except UnsafePath:
+            return False
+        return any(_under(f"{parts.scheme}://{parts.netloc}{parts.path}", prefix) for prefix in self.config.allow)
+
+    def _admits_hop(self, url: str) -> bool:
+        return self._admits(url.split("?", 1)[0])
 
     async def probe_url(self, url: str) -> Version:
-        try:
-            response = await self._http.head(url, follow_redirects=True, headers={"Accept-Encoding": "identity"})
-        except httpx.TransportError as exc:
-            raise Unreachable(f"{urlsplit(url).netloc} is unreachable: {type(exc).__name__}") from None
+        host = urlsplit(url).netloc
+        response = await self._head(url, self._admits_hop, host)
         if response.status_code == 404:
-            raise ObjectError(404, "NotFound", f"{url[:200]} does not exist upstream")
+            raise ObjectError(404, "NotFound", f"{url.split('?', 1)[0][:200]} does not exist upstream")
         if response.status_code >= 500:
-            raise Unreachable(f"{urlsplit(url).netloc} answered {response.status_code}")
+            raise Unreachable(f"{host} answered {response.status_code}")
         if not response.is_success:
-            raise ObjectError(502, "UpstreamError", f"{urlsplit(url).netloc} answered {response.status_code}")
+            raise ObjectError(502, "UpstreamError", f"{host} answered {response.status_code}")
         cache_control = response.headers.get("cache-control", "").lower()
         if "private" in cache_control or "no-store" in cache_control:
-            raise ObjectError(502, "NotCacheable", f"{url[:200]} is marked {cache_control}: not cached for others")
+            raise ObjectError(502, "NotCacheable", f"{url.split('?', 1)[0][:200]} is marked {cache_control}: not cached for others")
         etag, modified = response.headers.get("etag"), response.headers.get("last-modified")
         headers = {k: v for k, v in (("ETag", etag), ("Last-Modified", modified)) if v}
         length = response.headers.get("content-length")
         return Version(
             tag=etag or modified or f"unvalidated@{time.time()}",  # no validator: fetched again after the TTL
             size=int(length) if length and length.isdigit() else None,
-            opener=lambda: self._open(url),
+            opener=lambda: self._open(url, self._admits_hop),
             headers=headers,
             content_type=response.headers.get("content-type", "application/octet-stream"),
         )
 
-    async def _open(self, url: str) -> BlobDownload:
+    async def _head(self, url: str, admit: Admit, host: str) -> httpx.Response:
+        """HEAD, following redirects by hand: every hop must pass `admit`."""
+        for _ in range(MAX_REDIRECTS + 1):
+            try:
+                response = await self._http.head(url, follow_redirects=False, headers={"Accept-Encoding": "identity"})
+            except httpx.TransportError as exc:
+                raise Unreachable(f"{host} is unreachable: {type(exc).__name__}") from None
+            location = response.headers.get("location")
+            if not response.is_redirect or not location:
+                return response
+            target = urljoin(url, location)
+            if not admit(target):
+                raise ObjectError(502, "RedirectRefused", f"{host} redirected outside what this mirror fetches")
+            url = target
+        raise Unreachable(f"{host} redirected too many times")
+
+    async def _open(self, url: str, admit: Admit) -> BlobDownload:
+        host = urlsplit(url).netloc
         try:
-            response = await anyio.to_thread.run_sync(self._blobs.get, url, None)
+            response = await self._blobs.open(url, None, admit=admit)
         except TransferFailed as exc:
-            raise Unreachable(f"{urlsplit(url).netloc} is unreachable: {exc}") from None
+            raise Unreachable(f"{host} is unreachable: {exc}") from None
+        except RedirectRefused:
+            raise ObjectError(502, "RedirectRefused", f"{host} redirected outside what this mirror fetches") from None
         if not 200 <= response.status < 300:
-            await anyio.to_thread.run_sync(small_body, response)
-            raise Unreachable(f"{urlsplit(url).netloc} answered {response.status}")
+            await self._blobs.drain(response)
+            raise Unreachable(f"{host} answered {response.status}")
         return BlobDownload(response)
 
-    async def fetch_url(self, url: str) -> BlobFile:
-        return await self._web.fetch(self._web_name(self.allowed_url(url)))
+    async def fetch_url(self, text: str) -> BlobFile:
+        base, _, query = text.partition("?")
+        return await self._web.fetch(self._web_name(*self.allowed_url(base, query)))
 
     # -- /ipfs/ --------------------------------------------------------------------------------------
     async def ipfs(self, request: Request) -> Response:
         try:
-            key, _ = self.ipfs_key(request.path_params["rest"])
+            path = raw_path(request.scope)
+            if not path.startswith("/ipfs/"):
+                raise ObjectError(400, "InvalidPath", "expected /ipfs/{cid}[/{path}]")
+            key = self.ipfs_key(path[len("/ipfs/"):])
             return await self._ipfs.serve(self._ipfs_name(key), request)
         except ObjectError as exc:
             return exc.response()
 
-    def ipfs_key(self, rest: str) -> tuple[str, str]:
-        """The cache's name for /ipfs/{cid}/{path}: CIDv1 in base32, so v0 and v1 are one entry."""
-        cid_text, _, path = rest.partition("/")
+    def ipfs_key(self, raw: str) -> str:
+        """The cache's name for {cid}/{path} (as the request encoded it): CIDv1 in base32, so v0 and
+        v1 are one entry, and the path's segments decoded once and checked."""
+        raw_cid, *raw_path_segments = raw.split("/")
         try:
-            cid = CID.decode(cid_text)
+            cid = CID.decode(decode_segment(raw_cid))
         except Exception:  # noqa: BLE001 - multiformats raises several kinds for bad input
-            raise ObjectError(400, "InvalidCID", f"{cid_text[:100]!r} is not a CID") from None
-        if any(seg in ("..", ".") for seg in path.split("/")) or "\x00" in path or len(path) > MAX_URL:
+            raise ObjectError(400, "InvalidCID", f"{raw_cid[:100]!r} is not a CID") from None
+        try:
+            segments = [decode_segment(s) for s in raw_path_segments]
+        except UnsafePath as exc:
+            raise ObjectError(400, "InvalidPath", f"invalid path inside the CID: {exc}") from None
+        if "" in segments[:-1] or len(raw) > MAX_URL:
             raise ObjectError(400, "InvalidPath", "invalid path inside the CID")
-        canonical = str(cid.set(version=1).encode("base32"))
-        return (f"{canonical}/{path}" if path else canonical), path
+        return "/".join([str(cid.set(version=1).encode("base32")), *segments])
 
     async def probe_ipfs(self, key: str) -> Version:
         if not self.config.ipfs_gateways:
             raise ObjectError(503, "NoGateway", "no IPFS gateways are configured ([web] ipfs_gateways)")
         failures = []
         for gateway in self.config.ipfs_gateways:
-            url = f"{gateway.rstrip('/')}/ipfs/{key}"
+            url = f"{gateway.rstrip('/')}/ipfs/{quote_segments(key.split('/'))}"
             try:
-                response = await self._http.head(url, follow_redirects=True)
-            except httpx.TransportError as exc:
-                failures.append(f"{gateway}: {type(exc).__name__}")
+                response = await self._head(url, self._under_a_gateway, urlsplit(gateway).netloc)
+            except Unreachable as exc:
+                failures.append(f"{gateway}: {exc.message}")
                 continue
             if response.is_success:
                 length = response.headers.get("content-length")
                 return Version(
-                    tag=key, size=int(length) if length and length.isdigit() else None, opener=lambda url=url: self._open(url),
+                    tag=key, size=int(length) if length and length.isdigit() else None,
+                    opener=lambda url=url: self._open(url, self._under_a_gateway),
                     headers={"ETag": f'"{key}"', "Cache-Control": "public, max-age=31536000, immutable"},
                     content_type=response.headers.get("content-type", "application/octet-stream"),
                 )
@@ -173,9 +233,19 @@ class WebMirror:
             raise ObjectError(404, "NotFound", f"no gateway has /ipfs/{key}")
         raise Unreachable("no IPFS gateway answered: " + "; ".join(failures))
 
+    def _under_a_gateway(self, url: str) -> bool:
+        """A redirect from a gateway stays under a configured gateway's /ipfs/, its path unable to climb."""
+        parts = urlsplit(url)
+        try:
+            for segment in parts.path.split("/")[1:]:
+                decode_segment(segment)
+        except UnsafePath:
+            return False
+        plain = f"{parts.scheme}://{parts.netloc}{parts.path}"
+        return not parts.username and any(plain.startswith(f"{g.rstrip('/')}/ipfs/") for g in self.config.ipfs_gateways)
+
     async def fetch_ipfs(self, cid_and_path: str) -> BlobFile:
-        key, _ = self.ipfs_key(cid_and_path)
-        return await self._ipfs.fetch(self._ipfs_name(key))
+        return await self._ipfs.fetch(self._ipfs_name(self.ipfs_key(cid_and_path)))
 
     def _ipfs_name(self, key: str) -> ObjectName:
         return ObjectName(key, ReadScope.ipfs(), Origin("ipfs", "gateways"), None, lambda: self.probe_ipfs(key))

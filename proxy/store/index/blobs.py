@@ -12,6 +12,11 @@ from proxy.store.index.engine import insert_for
 from proxy.store.index.models import BlobRow, BlobScopeRow, PinRow
 from proxy.store.records import BlobRecord, UsageRow
 
+_ADMITTED = select(BlobScopeRow.digest).where(BlobScopeRow.digest == bindparam("d"), BlobScopeRow.scope == bindparam("s"))
+_BLOB = select(
+    BlobRow.digest, BlobRow.size, BlobRow.media_type, BlobRow.created_at, BlobRow.last_access, BlobRow.hits,
+    BlobRow.source, BlobRow.upstream,
+).where(BlobRow.digest == bindparam("d"))
 DELETE_BATCH = 500
 TRANSACTION_ROWS = 50_000
 
@@ -39,13 +44,9 @@ class BlobIndex:
             session.execute(stmt)
 
     def get(self, digest: str) -> BlobRecord | None:
-        with Session(self.engine) as session:
-            row = session.get(BlobRow, digest)
-            if row is None:
-                return None
-            return BlobRecord(
-                row.digest, row.size, row.media_type, row.created_at, row.last_access, row.hits, row.source, row.upstream
-            )
+        with self.engine.connect() as connection:
+            row = connection.execute(_BLOB, {"d": digest}).first()
+        return BlobRecord(*row) if row is not None else None
 
     def record_access(self, accesses: Mapping[str, tuple[float, int]]) -> None:
         """Apply a batch of (last access, hit count) per digest in one transaction."""
@@ -127,8 +128,10 @@ class BlobIndex:
             connection.execute(stmt, rows)
 
     def admitted(self, scope: str, digest: str) -> bool:
-        with Session(self.engine) as session:
-            return session.get(BlobScopeRow, (digest, scope)) is not None
+        # Core, not an ORM session: asked on the first hit of every (scope, blob) after a restart,
+        # and a session costs three times the query.
+        with self.engine.connect() as connection:
+            return connection.execute(_ADMITTED, {"d": digest, "s": scope}).first() is not None
 
     def scopes_of(self, digest: str) -> list[str]:
         with Session(self.engine) as session:

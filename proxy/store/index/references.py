@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, delete, select
 from sqlalchemy.orm import Session
 
 from proxy.store.index.engine import insert_for
@@ -21,6 +21,14 @@ class ReferenceIndex:
                 select(ReferenceRow).where(ReferenceRow.source == source, ReferenceRow.key == key)
             ).first()
             return _reference(row) if row is not None else None
+
+    def drop_expired(self, sources: tuple[str, ...], before: float) -> int:
+        """Forget references of these sources that expired before `before` (negative answers)."""
+        if not sources:
+            return 0
+        stmt = delete(ReferenceRow).where(ReferenceRow.source.in_(sources), ReferenceRow.expires_at < before)
+        with self.engine.begin() as connection:
+            return int(connection.execute(stmt).rowcount or 0)
 
     def put(self, ref: Reference) -> None:
         values = {
@@ -50,3 +58,4 @@ def _reference(row: ReferenceRow) -> Reference:
         validators=row.validators or {},
         meta=row.meta or {},
     )
+
