@@ -7,11 +7,7 @@ upstream asked for anything its configuration does not admit (each upstream reco
 
 from __future__ import annotations
 
-import hashlib
 import socket
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
@@ -21,51 +17,11 @@ from hypothesis import strategies as st
 from tests.servers.fake_hub import FakeHub
 from tests.servers.moto import MotoS3
 from tests.servers.pullthrough import Pullthrough
+from tests.servers.recorder import Recorder
+from tests.test_oci_hostile import tree
 from tests.test_hf_mirror import MODEL, populate
 
 pytestmark = pytest.mark.real
-
-
-class Upstream(ThreadingHTTPServer):
-    """Answers 404 to everything (an OCI error body) and records each raw request path."""
-
-    def __init__(self) -> None:
-        self.paths: list[str] = []
-        recorder = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _answer(self) -> None:
-                recorder.paths.append(self.path)
-                body = b'{"errors":[{"code":"BLOB_UNKNOWN","message":"no"}]}'
-                self.send_response(404)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(body)
-
-            do_GET = do_HEAD = do_POST = _answer
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        super().__init__(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-
-def tree(root: Path, skip: Path) -> dict[str, tuple]:
-    found = {}
-    for path in sorted(root.rglob("*")):
-        if path == skip or skip in path.parents:
-            continue
-        stat = path.stat()
-        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
-        found[str(path.relative_to(root))] = (stat.st_size, stat.st_mtime_ns, digest)
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +30,7 @@ def world(tmp_path_factory):  # type: ignore[no-untyped-def]
     (sandbox / "etc").mkdir()
     (sandbox / "etc" / "passwd").write_text("root:x:0:0:bait\n")
     (sandbox / "secret").write_text("do not serve or overwrite\n")
-    registry, web, gateway = Upstream(), Upstream(), Upstream()
+    registry, web, gateway = Recorder(), Recorder(), Recorder()
     hub = FakeHub.start(tmp_path_factory.mktemp("fuzz-hub"))
     populate(hub)
     s3 = MotoS3.start()
@@ -99,8 +55,7 @@ def world(tmp_path_factory):  # type: ignore[no-untyped-def]
     s3.stop()
     hub.stop()
     for server in (registry, web, gateway):
-        server.shutdown()
-        server.server_close()
+        server.close()
     if database is not None:
         drop_postgres_database(database)
 

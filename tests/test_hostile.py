@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import socket
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import httpx
 import pytest
@@ -21,13 +18,14 @@ import pytest
 from tests.conftest import default_registries
 from tests.servers.fake_hub import FakeHub
 from tests.servers.moto import MotoS3
+from tests.servers.recorder import Recorder
 from tests.test_hf_mirror import ALICE, GATED, MODEL, PRIVATE, populate
 
 pytestmark = pytest.mark.real
 
 
 @pytest.fixture
-def hub(tmp_path: Path):  # type: ignore[no-untyped-def]
+def hub(tmp_path):  # type: ignore[no-untyped-def]
     server = FakeHub.start(tmp_path / "hub")
     populate(server)
     yield server
@@ -109,41 +107,6 @@ def test_an_ipfs_path_encoded_twice_stays_under_the_gateways_ipfs_prefix(origin,
 
 
 # -- 2. redirects out of the allow-list ----------------------------------------------------------------
-
-
-class Recorder(ThreadingHTTPServer):
-    """A web server whose answers the test scripts: path -> (status, headers, body); records paths."""
-
-    def __init__(self, answers: dict[str, tuple[int, dict[str, str], bytes]]) -> None:
-        self.answers, self.paths = answers, []
-        recorder = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _answer(self) -> None:
-                recorder.paths.append(self.path)
-                status, headers, body = recorder.answers.get(self.path.split("?")[0], (404, {}, b""))
-                self.send_response(status)
-                for name, value in {**headers, "Content-Length": str(len(body))}.items():
-                    self.send_header(name, value)
-                self.end_headers()
-                if self.command == "GET":
-                    self.wfile.write(body)
-
-            do_GET = do_HEAD = _answer
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        super().__init__(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-    def close(self) -> None:
-        self.shutdown()
-        self.server_close()
 
 
 def test_a_redirect_out_of_the_web_allow_list_is_refused_and_the_other_host_never_asked(pullthrough) -> None:  # type: ignore[no-untyped-def]

@@ -43,6 +43,8 @@ def decode_segment(raw: str, *, slashes: bool = False) -> str:
     """One segment, percent-decoded once; UnsafePath when it could climb or hide. With `slashes`,
     an encoded "/" is allowed inside (HF revisions such as refs%2Fpr%2F1), but no part between
     slashes may then be empty or a dot segment."""
+    if "%" not in raw and "\\" not in raw and raw not in (".", "..") and raw.isprintable():
+        return raw  # nothing encoded, nothing to refuse: the common case, on every request
     try:
         value = unquote(raw, errors="strict")
     except UnicodeDecodeError:

@@ -21,19 +21,31 @@ class Scopes:
         self._pools = pools
         self._known = AdmissionMemo()
 
-    async def admitted(self, scope: ReadScope, digest: Digest) -> bool:
-        """Whether `scope` may read the digest from the cache. Fails closed: while the index cannot
-        be asked, the upstream decides again."""
-        if self._known.known(scope, digest):
-            return True
+    def known(self, scope: ReadScope, digest: Digest) -> bool:
+        """Admitted, as this process already knows without asking the index."""
+        return self._known.known(scope, digest)
+
+    def ask_index(self, scope: ReadScope, digest: Digest) -> bool:
+        """Blocking (an index thread): the index's answer. Fails closed: while the index cannot be
+        asked, the upstream decides again."""
         try:
-            known = await self._pools.index(self._rows.admitted, str(scope), str(digest))
+            return self._rows.admitted(str(scope), str(digest))
         except Exception as exc:  # noqa: BLE001 - an unreachable index must not stop pulls
             log.warning("cannot read the scopes of %s (%s): asking the upstream", digest, exc)
             return False
-        if known:
-            self._known.remember(scope, digest)
-        return known
+
+    def learned(self, scope: ReadScope, digest: Digest) -> None:
+        """Remember an admission the index confirmed (in the event loop's thread: the memo is not shared)."""
+        self._known.remember(scope, digest)
+
+    async def admitted(self, scope: ReadScope, digest: Digest) -> bool:
+        """Whether `scope` may read the digest from the cache."""
+        if self.known(scope, digest):
+            return True
+        if await self._pools.index(self.ask_index, scope, digest):
+            self.learned(scope, digest)
+            return True
+        return False
 
     async def admit(self, scope: ReadScope, digests: Iterable[Digest]) -> None:
         """Record that `scope` may read these digests: the upstream confirmed it (a fill from that

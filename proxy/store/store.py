@@ -154,11 +154,7 @@ class Store:
         """The committed blob if this scope may read it (admitted, or confirmed by the upstream now)."""
         if request.digest is None:
             return None
-        # The file's stat and the scope's admission at once: a hit after a restart needs both
-        # from threads (the admission from the index), and waiting for one then the other doubled it.
-        blob, admitted = await asyncio.gather(
-            self.pools.files(self.files.stat, request.digest), self.admitted(request.scope, request.digest)
-        )
+        blob, admitted = await self._blob_and_admission(request.scope, request.digest)
         if blob is None:
             return None
         if admitted:
@@ -239,8 +235,24 @@ class Store:
     # -- read scopes (scopes.py); small objects have a door of their own: `small_objects` (small.py)
     async def holds(self, scope: ReadScope, digest: Digest) -> bool:
         """Whether the blob is committed and this scope may read it: served without the upstream."""
-        blob, admitted = await asyncio.gather(self.pools.files(self.files.stat, digest), self.admitted(scope, digest))
+        blob, admitted = await self._blob_and_admission(scope, digest)
         return blob is not None and admitted
+
+    async def _blob_and_admission(self, scope: ReadScope, digest: Digest) -> tuple[BlobFile | None, bool]:
+        """The committed blob (or None) and whether `scope` may read it, in one thread hop: the
+        file's stat alone when the admission is known, else the stat and then the index's answer
+        in the same index thread (a hit after a restart; a miss costs no query)."""
+        if self.scopes.known(scope, digest):
+            return await self.pools.files(self.files.stat, digest), True
+
+        def look() -> tuple[BlobFile | None, bool]:
+            blob = self.files.stat(digest)
+            return blob, blob is not None and self.scopes.ask_index(scope, digest)
+
+        blob, admitted = await self.pools.index(look)
+        if admitted:
+            self.scopes.learned(scope, digest)
+        return blob, admitted
 
     async def admitted(self, scope: ReadScope, digest: Digest) -> bool:
         return await self.scopes.admitted(scope, digest)
