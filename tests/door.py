@@ -39,12 +39,13 @@ class ScriptedUpstream:
         self.opens += 1
         return self
 
-    def read_some(self, limit: int) -> bytes:
+    def read_into(self, buffer: bytearray) -> int:
         if self.pos >= self.stall_at and not self.release.wait(timeout=30):
             raise TimeoutError("the test never released the upstream")
-        data = self.data[self.pos : self.pos + min(limit, self.chunk)]
+        data = self.data[self.pos : self.pos + min(len(buffer), self.chunk)]
+        buffer[: len(data)] = data
         self.pos += len(data)
-        return data
+        return len(data)
 
     def abort(self) -> None:
         self.aborted = True

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import http.client
 import urllib.request
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -41,12 +42,23 @@ class BlobDownload:
         self._response = response
         length = response.headers.get("content-length")
         self.size: int | None = int(length) if length and length.isdigit() else None
+        # An identity body is read from http.client's response underneath, straight into the
+        # caller's buffer: urllib3's own readinto reads into a new bytes object and copies it.
+        # http.client still honours Content-Length and chunked framing; a body cut short reads
+        # as an early end, which the store's size and digest checks turn into a failed fill.
+        raw = getattr(response, "_fp", None)
+        encoded = response.headers.get("content-encoding", "identity").lower() not in ("", "identity")
+        self._raw: http.client.HTTPResponse | None = raw if isinstance(raw, http.client.HTTPResponse) and not encoded else None
 
-    def read_some(self, limit: int) -> bytes:
+    def read_into(self, buffer: bytearray) -> int:
         try:
-            return self._response.read1(limit, decode_content=False)
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            if self._raw is not None:
+                return self._raw.readinto(buffer)
+            data = self._response.read1(len(buffer), decode_content=False)
+        except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError) as exc:
             raise TransferFailed(f"upstream transfer broke off: {type(exc).__name__}") from None
+        buffer[: len(data)] = data
+        return len(data)
 
     def abort(self) -> None:
         self._response.shutdown()

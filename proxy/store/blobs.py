@@ -6,6 +6,7 @@ in progress lives under tmp/ and is swept at start-up, so a crash never leaves a
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -15,9 +16,11 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from proxy.store.buffers import BufferRing
 from proxy.store.digest import Digest
 
 log = logging.getLogger(__name__)
@@ -40,55 +43,117 @@ class BlobFile:
     size: int
 
 
-class _BackgroundHasher:
-    """sha256 in a thread of its own, so that hashing overlaps receiving and writing.
+class _Stage:
+    """One step of a fill's pipeline in a thread of its own: the disk write, or the sha256.
 
-    hashlib releases the GIL on large buffers: on two cores this takes the hash off the
-    critical path of a fill. At most `depth` chunks wait, which bounds the memory it holds.
+    os.write and hashlib release the GIL, so on two cores the socket read, the write and the hash
+    of one fill overlap instead of taking turns. Each queued piece comes with what to do once this
+    step is done with it (hand it to the next step, give a receive buffer back to its ring); the
+    ring's size is what bounds the memory waiting here. A failure (a full disk) is kept and raised
+    to the producer; later pieces are passed on unprocessed so that their buffers still go back.
     """
 
-    def __init__(self, depth: int = 8) -> None:
-        self._hash = hashlib.sha256()
-        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=depth)
-        self._thread = threading.Thread(target=self._run, name="sha256", daemon=True)
+    def __init__(self, name: str, work: Callable[[memoryview | bytes], object]) -> None:
+        self._work = work
+        self.error: BaseException | None = None
+        self._queue: queue.SimpleQueue[tuple[memoryview | bytes, Callable[[], None] | None] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
+        self._finished = False
 
     def _run(self) -> None:
-        while (data := self._queue.get()) is not None:
-            self._hash.update(data)
+        while (item := self._queue.get()) is not None:
+            data, then = item
+            if self.error is None:
+                try:
+                    self._work(data)
+                except BaseException as exc:  # noqa: BLE001 - raised to the producer by `finish`
+                    self.error = exc
+            if then is not None:
+                then()
 
-    def update(self, data: bytes) -> None:
-        self._queue.put(data)
+    def idle(self) -> bool:
+        """Nothing queued behind the piece being worked on (a hint: the producer may add more)."""
+        return self._queue.empty()
 
-    def hexdigest(self) -> str:
-        self._queue.put(None)
-        self._thread.join()
-        return self._hash.hexdigest()
+    def put(self, data: memoryview | bytes, then: Callable[[], None] | None = None) -> None:
+        if self.error is not None:
+            raise self.error
+        self._queue.put((data, then))
+
+    def finish(self) -> None:
+        """Blocking: wait until every queued piece is done; raise the step's failure."""
+        if not self._finished:
+            self._finished = True
+            self._queue.put(None)
+            self._thread.join()
+        if self.error is not None:
+            raise self.error
 
 
 class TempBlob:
-    """A file being filled: bytes appended and hashed as they arrive. One writer thread at a time."""
+    """A file being filled: bytes appended and hashed as they arrive. One producer thread at a time.
 
-    def __init__(self, path: Path, *, hash_in_background: bool = False) -> None:
+    With `pipelined`, `append_buffer` hands each piece to a writer thread and then to a hashing
+    thread (see _Stage): `written` counts the bytes on disk, which lags the bytes appended until
+    `flush`. Without it, everything happens in the caller's thread. `append` always writes in the
+    caller's thread; a fill uses one of the two ways, never both.
+    """
+
+    def __init__(self, path: Path, *, pipelined: bool = False) -> None:
         self.path = path
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        self._hash: _BackgroundHasher | hashlib._Hash = _BackgroundHasher() if hash_in_background else hashlib.sha256()
+        self._sha256 = hashlib.sha256()
+        self._writer = _Stage("fill-write", self._write) if pipelined else None
+        self._hasher = _Stage("sha256", self._sha256.update) if pipelined else None
         self._hexdigest: str | None = None
         self.written = 0
+        # Told how many bytes are on disk after each write (in the writing thread), with whether
+        # the writer has caught up with everything appended: readers are woken from here.
+        self.on_written: Callable[[int, bool], None] | None = None
 
     def append(self, data: bytes) -> None:
-        """Blocking: call from a worker thread."""
-        view = memoryview(data)
+        """Blocking: write and hash `data` (hashed in the background when pipelined)."""
+        self._write(memoryview(data))
+        if self._hasher is not None:
+            self._hasher.put(data)
+        else:
+            self._sha256.update(data)
+
+    def append_buffer(self, buffer: bytearray, length: int, ring: BufferRing) -> None:
+        """Blocking: append the first `length` bytes of a receive buffer, which goes back to `ring`
+        once it is written and hashed."""
+        view = memoryview(buffer)[:length]
+        if self._writer is None or self._hasher is None:
+            self._write(view)
+            self._sha256.update(view)
+            ring.give(buffer)
+            return
+        hasher, give = self._hasher, functools.partial(ring.give, buffer)
+        self._writer.put(view, lambda: hasher.put(view, give))
+
+    def flush(self) -> None:
+        """Blocking: every appended byte is written (`written` is final); raises a failed write."""
+        if self._writer is not None:
+            self._writer.finish()
+
+    def _write(self, view: memoryview | bytes) -> None:
+        view = memoryview(view)
+        length = len(view)
         while view:
             n = os.write(self.fd, view)
             view = view[n:]
-        self._hash.update(data)
-        self.written += len(data)
+        self.written += length
+        if self.on_written is not None:
+            self.on_written(self.written, self._writer is not None and self._writer.idle())
 
     def hexdigest(self) -> str:
         """Blocking: the sha256 of everything appended (no more appends after this)."""
         if self._hexdigest is None:
-            self._hexdigest = self._hash.hexdigest()
+            self.flush()
+            if self._hasher is not None:
+                self._hasher.finish()
+            self._hexdigest = self._sha256.hexdigest()
         return self._hexdigest
 
     def close(self) -> None:
@@ -98,9 +163,13 @@ class TempBlob:
             pass
 
     def discard(self) -> None:
+        for stage in (self._writer, self._hasher):  # no thread may still write to the descriptor's number
+            if stage is not None:
+                try:
+                    stage.finish()
+                except BaseException:  # noqa: BLE001 - the file is going anyway
+                    pass
         self.close()
-        if isinstance(self._hash, _BackgroundHasher) and self._hexdigest is None:
-            self.hexdigest()  # let the hashing thread end
         try:
             self.path.unlink()
         except FileNotFoundError:
@@ -150,9 +219,9 @@ class BlobStore:
         """A fresh temp file name: node.pid.random (the owner of a fill lease is this name)."""
         return f"{self.node_id}.{os.getpid()}.{secrets.token_hex(8)}"
 
-    def new_temp(self, *, name: str | None = None, hash_in_background: bool = False) -> TempBlob:
+    def new_temp(self, *, name: str | None = None, pipelined: bool = False) -> TempBlob:
         """Blocking: a fresh temp file for a fill."""
-        return TempBlob(self.tmp_dir / (name or self.temp_name()), hash_in_background=hash_in_background)
+        return TempBlob(self.tmp_dir / (name or self.temp_name()), pipelined=pipelined)
 
     def open_temp(self, name: str) -> int | None:
         """Blocking: a read-only descriptor on another process's temp file, or None if it is gone.

@@ -15,6 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import ParamSpec, TypeVar
 
+from proxy.store.buffers import BufferPool
+
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -29,6 +31,7 @@ class PoolSizes:
 class Pools:
     def __init__(self, sizes: PoolSizes = PoolSizes()) -> None:
         self.sizes = sizes
+        self.buffers = BufferPool()  # fills' receive buffers, reused (buffers.py)
         self.fills = ThreadPoolExecutor(max_workers=sizes.fills, thread_name_prefix="fill")
         self._index = ThreadPoolExecutor(max_workers=sizes.index, thread_name_prefix="index")
         self._files = ThreadPoolExecutor(max_workers=sizes.files, thread_name_prefix="files")

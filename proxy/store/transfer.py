@@ -1,6 +1,8 @@
 """Moving an upstream body into a temp file: receive, hash and write, telling the fill's readers as
-bytes land. A blocking body is read in a thread of the store's fill pool; an async one (aioboto3)
-in the event loop, written in batches.
+bytes land. A blocking body is read in a thread of the store's fill pool, straight into reused
+receive buffers (buffers.py); each buffer is written to the file in a thread of its own and then
+hashed in another (blobs.TempBlob), so the socket, the disk and the hash overlap. An async body
+(aioboto3) is read in the event loop and written in batches.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from proxy.store.blobs import TempBlob
 from proxy.store.fill import AsyncUpstreamBody, FillFailed, FillWriter, UpstreamBody
 from proxy.store.pools import Pools
 
-READ_CHUNK = 4 * 1024 * 1024
+READ_CHUNK = 4 * 1024 * 1024  # batches of an async body
 NOTIFY_BYTES = 1024 * 1024
 NOTIFY_SECONDS = 0.05
 
@@ -44,22 +46,20 @@ async def _receive_blocking(
 ) -> None:
     loop = asyncio.get_running_loop()
     stop = threading.Event()
+    ring = pools.buffers.ring()
+    temp.on_written = _Waker(loop, writer).written
 
     def copy() -> None:
-        told, told_at = 0, 0.0
         while not stop.is_set():
-            data = body.read_some(READ_CHUNK)
-            if not data:
+            buffer = ring.take()
+            length = body.read_into(buffer)
+            if not length:
+                ring.give(buffer)
+                temp.flush()  # every byte on disk: `written` is final for the readers and the checks
                 return
-            temp.append(data)
             if check is not None:
-                check.update(data)
-            # Wake the readers per MiB or every 50 ms, not per socket read: each wake-up costs
-            # every reader a round through the event loop and a send.
-            now = time.monotonic()
-            if temp.written - told >= NOTIFY_BYTES or now - told_at >= NOTIFY_SECONDS:
-                told, told_at = temp.written, now
-                loop.call_soon_threadsafe(writer.advance, told)
+                check.update(memoryview(buffer)[:length])
+            temp.append_buffer(buffer, length, ring)
         raise FillFailed("the fill was cancelled")
 
     copying = loop.run_in_executor(pools.fills, copy)
@@ -71,6 +71,24 @@ async def _receive_blocking(
         await asyncio.gather(copying, return_exceptions=True)
         raise
     writer.advance(temp.written)
+
+
+class _Waker:
+    """Wakes the fill's readers as bytes land on disk: per MiB, every 50 ms, and whenever the
+    writer has caught up (an upstream that pauses must not leave written bytes unannounced). Each
+    wake-up costs every reader a round through the event loop and a send, so not per write."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, writer: FillWriter) -> None:
+        self._loop = loop
+        self._writer = writer
+        self._told = 0
+        self._told_at = 0.0
+
+    def written(self, written: int, caught_up: bool) -> None:
+        now = time.monotonic()
+        if caught_up or written - self._told >= NOTIFY_BYTES or now - self._told_at >= NOTIFY_SECONDS:
+            self._told, self._told_at = written, now
+            self._loop.call_soon_threadsafe(self._writer.advance, written)
 
 
 async def _receive_async(
