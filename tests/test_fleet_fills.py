@@ -59,11 +59,11 @@ class Node:
     def publish_no_progress(self) -> None:
         """Keep the heartbeat going but never publish a synced watermark."""
 
-        async def heartbeat_only(key: str, owner: str, sync) -> None:  # type: ignore[no-untyped-def]
+        async def heartbeat_only(key: str, owner: str, sync, stream) -> None:  # type: ignore[no-untyped-def]
             async def nothing_synced() -> None:
                 return None
 
-            await FillLeases.keep_renewed(self.leases, key, owner, nothing_synced)
+            await FillLeases.keep_renewed(self.leases, key, owner, nothing_synced, stream)
 
         self.leases.keep_renewed = heartbeat_only  # type: ignore[method-assign]
 
@@ -177,8 +177,10 @@ async def test_a_follower_reads_no_further_than_the_owner_has_synced_and_publish
     upstream_a.stall_at = 2 * 1024 * 1024
     upstream_a.release.clear()
     client(a, request_for(digest, upstream_a))
-    await wait_for(lambda: (lease := lease_of(a, str(digest))) is not None and lease.state == "streaming")
+    await wait_for(lambda: a.store.fill_in_flight(str(digest)) is not None and a.fill(str(digest)).written > 0)
     body = client(b, request_for(digest, upstream_b))
+    # Node b following makes node a publish its stream (no watermark: publish_no_progress).
+    await wait_for(lambda: (lease := lease_of(a, str(digest))) is not None and lease.state == "streaming")
     await wait_for(lambda: b.store.fill_in_flight(str(digest)) is not None)
     fill_b = b.fill(str(digest))
     assert await asyncio.wait_for(fill_b.opened(), 5) == len(data)  # following node a's file
@@ -200,8 +202,9 @@ async def test_followers_wait_for_the_commit_when_streams_are_not_followed(nodes
     upstream_a.stall_at = 1024 * 1024
     upstream_a.release.clear()
     client(a, request_for(digest, upstream_a))
-    await wait_for(lambda: (lease := lease_of(a, str(digest))) is not None and lease.state == "streaming" and lease.synced > 0)
+    await wait_for(lambda: a.store.fill_in_flight(str(digest)) is not None and a.fill(str(digest)).written > 0)
     body = client(b, request_for(digest, upstream_b))
+    await wait_for(lambda: (lease := lease_of(a, str(digest))) is not None and lease.state == "streaming" and lease.synced > 0)
     await wait_for(lambda: b.store.fill_in_flight(str(digest)) is not None)
     seen = lease_of(a, str(digest))
     await wait_for(lambda: lease_of(a, str(digest)).heartbeat >= seen.heartbeat + 2)  # type: ignore[union-attr]
@@ -280,8 +283,9 @@ async def check_takeover_race(nodes, *, loser_waits_for_the_commit: bool) -> Non
     upstream_a.release.clear()
     fresh = {name: ScriptedUpstream(data) for name in ("b", "c")}
     client(a, request_for(digest, upstream_a))
-    await wait_for(lambda: (lease := lease_of(a, key)) is not None and lease.synced >= 1024 * 1024)
+    await wait_for(lambda: a.store.fill_in_flight(key) is not None and a.fill(key).written >= 1024 * 1024)
     readers = [client(node, request_for(digest, fresh[node.name])) for node in (b, c) for _ in range(2)]
+    await wait_for(lambda: (lease := lease_of(a, key)) is not None and lease.synced >= 1024 * 1024)
     await wait_for(lambda: all(n.store.fill_in_flight(key) is not None and n.fill(key).written > 0 for n in (b, c)))
     if loser_waits_for_the_commit:
         take_over = c.leases.acquire
@@ -356,3 +360,38 @@ async def test_stats_of_any_node_add_up_the_counters_every_node_saved(shared: tu
     totals = {key.name: value for key, value in two.totals().items()}
     assert totals["hits"] == 2 and totals["bytes_from_cache"] == 1500
     await one.aclose(), await two.aclose()
+
+
+async def test_a_fill_nobody_follows_neither_syncs_nor_writes_its_lease_until_a_follower_asks(nodes, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    syncs: list[int] = []
+    real_fdatasync = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (syncs.append(fd), real_fdatasync(fd))[1])
+    a = await nodes("a")
+    checks: list[bool] = []
+    real_followed = a.leases.followed
+
+    async def counted(key: str, owner: str) -> bool:
+        checks.append(answer := await real_followed(key, owner))
+        return answer
+
+    a.leases.followed = counted  # type: ignore[method-assign]
+    data = os.urandom(3 * 1024 * 1024)
+    digest = digest_of(data)
+    upstream_a, upstream_b = ScriptedUpstream(data, chunk=256 * 1024), ScriptedUpstream(data)
+    upstream_a.stall_at = 2 * 1024 * 1024
+    upstream_a.release.clear()
+    filler = client(a, request_for(digest, upstream_a))
+    await wait_for(lambda: a.store.fill_in_flight(str(digest)) is not None and a.fill(str(digest)).written >= 1024 * 1024)
+    await wait_for(lambda: len(checks) >= 3, message="three publishing periods")
+    lease = lease_of(a, str(digest))
+    assert lease is not None and lease.heartbeat == 0 and lease.synced == 0 and lease.state == "opening"
+    assert syncs == []  # no fdatasync on the request's path while nobody follows
+    b = await nodes("b")
+    follower = client(b, request_for(digest, upstream_b))
+    await wait_for(lambda: (seen := lease_of(a, str(digest))) is not None and seen.followed and seen.synced >= 2 * 1024 * 1024,
+                   message="node a publishing once node b follows")
+    assert syncs and lease_of(a, str(digest)).state == "streaming"  # type: ignore[union-attr]
+    upstream_a.release.set()
+    assert (await asyncio.wait_for(follower, 20)).body == data
+    assert (await asyncio.wait_for(filler, 20)).body == data
+    assert upstream_a.opens == 1 and upstream_b.opens == 0

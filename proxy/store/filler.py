@@ -142,7 +142,11 @@ class Filler:
             await self._pools.files(os.fdatasync, temp.fd)
             return written
 
-        renewing = asyncio.create_task(leases.keep_renewed(fill.key, owner, sync)) if leases else None
+        def stream() -> dict[str, object]:
+            return {} if temp is None else {"state": LeaseState.STREAMING, "size": size}
+
+        size: int | None = None
+        renewing = asyncio.create_task(leases.keep_renewed(fill.key, owner, sync, stream)) if leases else None
 
         async def stop_renewing() -> None:
             """Before the temp file's descriptor closes: `sync` must not run on a reused number."""
@@ -155,10 +159,8 @@ class Filler:
             size = body.size if body.size is not None else plan.expected_size
             if plan.expected_size is not None and size != plan.expected_size:
                 raise FillFailed(f"{fill.key}: upstream announced {size} bytes, expected {plan.expected_size}")
-            temp = await self._pools.files(self._store.new_temp, name=owner, hash_in_background=True)
+            temp = await self._pools.files(self._store.new_temp, name=owner, pipelined=True)
             writer.open(temp.fd, size)
-            if leases is not None:
-                await leases.update(fill.key, owner, state=LeaseState.STREAMING, size=size)
             await receive(writer, body, temp, self._pools, plan.check)
             blob = await self._verify_and_commit(fill, plan, temp, size)
             if leases is not None:

@@ -51,7 +51,12 @@ class RemoteFollower:
         liveness = Liveness(self._leases.lease_seconds)
         liveness.observe(lease)
         following: str | None = None  # the owner whose file `fill` reads now, when opened by this call
+        asked: str | None = None  # the owner asked to publish its progress
         while True:
+            if asked != lease.owner and lease.state in (LeaseState.OPENING, LeaseState.STREAMING):
+                if not lease.followed:
+                    await self._leases.follow(fill.key, lease.owner)
+                asked = lease.owner
             if lease.state == LeaseState.COMMITTED:
                 if await self._adopt(fill, lease):
                     return None

@@ -1,10 +1,13 @@
 """Fill leases: one download per key for every process that shares the cache directory and index.
 
 A process about to fetch a key claims its lease, a row naming the owner's temp file under tmp/.
-The others follow that file as it grows instead of going upstream. They read it only up to the
-`synced` watermark the owner publishes after an fdatasync, reopening the file before they trust a
-new one: NFS may write a file's pages back out of order, and close-to-open consistency is all it
-promises a reader on another host. The owner renews the lease by bumping a heartbeat counter. A follower that sees no heartbeat for `lease_seconds` of its own
+The others follow that file as it grows instead of going upstream. A follower first marks the lease
+`followed`; only then does the owner publish: it fdatasyncs and publishes a `synced` watermark
+every PUBLISH_SECONDS, which followers read up to and no further, reopening the file before they
+trust a new one (NFS may write a file's pages back out of order, and close-to-open consistency is
+all it promises a reader on another host). A fill nobody follows costs no sync and no index write
+until its commit. The followed owner renews the lease by bumping a heartbeat counter. A follower
+that sees no heartbeat for `lease_seconds` of its own
 monotonic clock takes the lease over with a compare-and-swap on (owner, heartbeat). Only one
 follower can win the swap, so a dead owner costs at most one more upstream fetch. No wall clock
 is compared, so nodes need not agree on the time.
@@ -31,7 +34,10 @@ from proxy.store.records import FillLease
 log = logging.getLogger(__name__)
 
 LEASE_POLL_SECONDS = 0.25  # how often a follower re-reads the lease row
-PUBLISH_SECONDS = 1.0  # how often an owner syncs its temp file and publishes how far it got
+PUBLISH_SECONDS = 1.0  # how often a followed owner syncs its temp file and publishes how far it got
+# How often an owner nobody follows renews its lease anyway: well inside the janitor's STALE_SECONDS,
+# so a long fill is never mistaken for a dead one.
+IDLE_RENEW_SECONDS = 60.0
 # node.pid.random, as BlobStore names temp files: checked before any lease owner becomes a path.
 _OWNER = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,200}\.[0-9]+\.[0-9a-f]{16}")
 
@@ -123,12 +129,44 @@ class FillLeases:
         except Exception as exc:  # noqa: BLE001
             log.warning("could not release the fill lease of %s: %s", key, exc)
 
-    async def keep_renewed(self, key: str, owner: str, sync: Callable[[], Awaitable[int | None]]) -> None:
-        """Run beside an owner's fill: every PUBLISH_SECONDS (or third of the lease, if shorter),
-        make the bytes written so far durable (`sync`, which returns how many, or None before the
-        temp file exists) and publish that watermark with a heartbeat."""
+    async def follow(self, key: str, owner: str) -> None:
+        """Ask `owner` to publish its progress: this process follows its fill from now on."""
+        try:
+            await self._pools.index(self._rows.follow, key_hash(key), owner)
+        except Exception as exc:  # noqa: BLE001 - the follower asks again on its next poll
+            log.warning("could not ask the owner of %s to publish: %s", key, exc)
+
+    async def followed(self, key: str, owner: str) -> bool:
+        """Whether another process follows our fill of `key` (False if the index cannot say)."""
+        try:
+            lease = await self._pools.index(self._rows.get, key_hash(key))
+        except Exception as exc:  # noqa: BLE001
+            log.warning("could not read the fill lease of %s: %s", key, exc)
+            return False
+        return lease is not None and lease.owner == owner and lease.followed
+
+    async def keep_renewed(
+        self, key: str, owner: str, sync: Callable[[], Awaitable[int | None]], stream: Callable[[], dict[str, object]]
+    ) -> None:
+        """Run beside an owner's fill. Nobody following, the fill costs the index one read a
+        PUBLISH_SECONDS (is it followed yet?) and a renewal every IDLE_RENEW_SECONDS, and the temp
+        file no sync before its commit. Once another process follows it, every PUBLISH_SECONDS (or
+        third of the lease, if shorter): make the bytes written so far durable (`sync`, which
+        returns how many, or None before the temp file exists) and publish that watermark, what
+        `stream` says of the body (state and size, once open) and a heartbeat."""
+        period = min(PUBLISH_SECONDS, self.lease_seconds / 3)
+        followed, renewed_at = False, time.monotonic()
         while True:
-            await asyncio.sleep(min(PUBLISH_SECONDS, self.lease_seconds / 3))
-            synced = await sync()
-            if not await self.update(key, owner, **({} if synced is None else {"synced": synced})):
+            await asyncio.sleep(period)
+            followed = followed or await self.followed(key, owner)
+            if not followed and time.monotonic() - renewed_at < IDLE_RENEW_SECONDS:
+                continue
+            values: dict[str, object] = {}
+            if followed:
+                values.update(stream())
+                synced = await sync()
+                if synced is not None:
+                    values["synced"] = synced
+            renewed_at = time.monotonic()
+            if not await self.update(key, owner, **values):
                 log.warning("fill lease of %s lost: another node may be fetching it too", key)

@@ -126,6 +126,7 @@ class FillLease:
     heartbeat: int
     started_at: float
     renewed_at: float
+    followed: bool = False
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ class LeaseIndex:
             )
             .values(
                 owner=owner, node=node, state=LeaseState.OPENING, size=None, synced=0, digest=None, heartbeat=0,
-                started_at=now, renewed_at=now,
+                started_at=now, renewed_at=now, followed=False,
             )
         )
         with self.engine.begin() as connection:
@@ -58,6 +58,16 @@ class LeaseIndex:
         )
         with self.engine.begin() as connection:
             return connection.execute(stmt).rowcount == 1
+
+    def follow(self, key_hash: str, owner: str) -> None:
+        """Tell `owner` that another process follows its fill (it then publishes its progress)."""
+        stmt = (
+            update(FillLeaseRow)
+            .where(FillLeaseRow.key_hash == key_hash, FillLeaseRow.owner == owner, FillLeaseRow.followed.is_(False))
+            .values(followed=True)
+        )
+        with self.engine.begin() as connection:
+            connection.execute(stmt)
 
     def release(self, key_hash: str, owner: str) -> None:
         with self.engine.begin() as connection:
@@ -88,5 +98,5 @@ class LeaseIndex:
 def _lease(row: FillLeaseRow) -> FillLease:
     return FillLease(
         row.key_hash, row.key, row.owner, row.node, row.state, row.size, row.synced, row.digest, row.heartbeat,
-        row.started_at, row.renewed_at,
+        row.started_at, row.renewed_at, bool(row.followed),
     )

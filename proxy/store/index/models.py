@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Double, Integer, String, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Boolean, Double, Integer, String, UniqueConstraint, false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -116,3 +116,5 @@ class FillLeaseRow(Base):
     heartbeat: Mapped[int] = mapped_column(BigInteger)
     started_at: Mapped[float] = mapped_column(Double)
     renewed_at: Mapped[float] = mapped_column(Double, index=True)
+    # Set by a process that follows this fill: until then the owner neither syncs nor publishes.
+    followed: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
