@@ -71,3 +71,25 @@ def test_the_read_scope_migration_admits_what_each_reference_names(tmp_path: Pat
         ("sha256:" + "c" * 64, "ipfs"),
         ("sha256:" + "d" * 64, "hf:models/acme/gated"),
     }
+
+
+def test_the_schema_head_the_server_checks_is_alembics_head(tmp_path: Path) -> None:
+    from alembic.script import ScriptDirectory
+
+    from proxy.migrate import SCHEMA_HEAD
+
+    head = ScriptDirectory.from_config(alembic_config(f"sqlite:///{tmp_path / 'index.db'}")).get_current_head()
+    assert head == SCHEMA_HEAD
+
+
+def test_an_embedded_index_behind_the_head_is_upgraded_by_a_child_process(tmp_path: Path) -> None:
+    from proxy.migrate import SCHEMA_HEAD, current_revision, prepare_database
+
+    url = f"sqlite:///{tmp_path / 'index.db'}"
+    upgrade(url, "0003")
+    engine = make_engine(url)
+    assert current_revision(engine) == "0003"
+    prepare_database(engine, url)
+    assert current_revision(engine) == SCHEMA_HEAD
+    assert "followed" in {column["name"] for column in inspect(engine).get_columns("fill_leases")}
+    engine.dispose()

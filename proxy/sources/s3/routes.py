@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from starlette.requests import Request
@@ -23,13 +24,15 @@ from proxy.http.download import BlobTransport
 from proxy.http.paths import UnsafePath, decode_segment, raw_segments_after
 from proxy.resources import Fetched, FetchedFile, Resource, ResourceKind
 from proxy.sources.objects import ObjectError, ObjectMirror, ObjectName, Version, translate
-from proxy.sources.s3.client import S3Clients
 from proxy.store.blobs import BlobFile
 from proxy.store.janitor import TtlRule
 from proxy.store.memo import SmallObject
 from proxy.store.records import Origin, ReadScope
 from proxy.store.small import Document
 from proxy.store.store import Store
+
+if TYPE_CHECKING:
+    from proxy.sources.s3.client import S3Clients
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +49,26 @@ class S3Mirror:
     def __init__(self, settings: Settings, store: Store, http: httpx.AsyncClient, blobs: BlobTransport) -> None:
         config = settings.s3
         self.config = config
-        self.clients = S3Clients(config)
+        self._clients: S3Clients | None = None
+        if config.buckets:  # aioboto3 and botocore weigh about 25 MiB: loaded only for a configured [s3]
+            from proxy.sources.s3.client import S3Clients
+
+            self._clients = S3Clients(config)
         self._store = store
         self._objects = ObjectMirror(store, SOURCE)
 
     def routes(self) -> list[BaseRoute]:
         return [Route("/s3/{rest:path}", self.dispatch, methods=["GET", "HEAD"])]
 
+    @property
+    def clients(self) -> S3Clients:
+        """The bucket clients; only reached for a configured bucket (others are refused first)."""
+        assert self._clients is not None, "no [s3] buckets are configured"
+        return self._clients
+
     async def aclose(self) -> None:
-        await self.clients.aclose()
+        if self._clients is not None:
+            await self._clients.aclose()
 
     @staticmethod
     def purge_rules(settings: Settings) -> list[TtlRule]:

@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from urllib.parse import urljoin, urlsplit
 
 import httpx
-from multiformats import CID
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -196,6 +195,8 @@ class WebMirror:
     def ipfs_key(self, raw: str) -> str:
         """The cache's name for {cid}/{path} (as the request encoded it): CIDv1 in base32, so v0 and
         v1 are one entry, and the path's segments decoded once and checked."""
+        from multiformats import CID  # loaded with the first IPFS request, not by every server
+
         raw_cid, *raw_path_segments = raw.split("/")
         try:
             cid = CID.decode(decode_segment(raw_cid))
