@@ -19,6 +19,7 @@ from proxy import __version__
 from proxy.config import Settings
 from proxy.http.download import BlobTransport
 from proxy.http.zerocopy import ZeroCopyMiddleware
+from proxy.sources.oci.hot import HotPath
 from proxy.migrate import prepare_database
 from proxy.ops import Operations
 from proxy.pins import ResourceSets
@@ -161,6 +162,9 @@ def create_app(settings: Settings) -> Starlette:
     return app
 
 
-def create_server_app(settings: Settings) -> ZeroCopyMiddleware:
-    """The app as `serve` runs it: zero-copy must wrap Starlette's own middleware to see the server."""
-    return ZeroCopyMiddleware(create_app(settings), send_timeout=settings.send_timeout)
+def create_server_app(settings: Settings) -> HotPath:
+    """The app as `serve` runs it: zero-copy must wrap Starlette's own middleware to see the server,
+    and repeated manifest GETs are answered before either (proxy/sources/oci/hot.py)."""
+    app = create_app(settings)
+    oci = app.state.runtime.sources.named("oci")
+    return HotPath(ZeroCopyMiddleware(app, send_timeout=settings.send_timeout), oci.hot)

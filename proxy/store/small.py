@@ -120,6 +120,17 @@ class SmallObjects:
         self._count(origin, scope, Outcome.HIT if resolved.from_cache else Outcome.MISS, method, len(item.data))
         return item, resolved.ref
 
+    def read_from_memory(self, scope: ReadScope, origin: Origin, digest: Digest, method: str) -> SmallObject | None:
+        """A hit answered without a thread hop or an await: the object is in memory and this process
+        already knows `scope` may read it (else None, and the caller takes the full path). Counted
+        as `read` counts a hit."""
+        item = self._memory.get(digest)
+        if item is None or not self._scopes.known(scope, digest):
+            return None
+        self._access.touch(digest)
+        self._count(origin, scope, Outcome.HIT, method, len(item.data))
+        return item
+
     async def get(self, scope: ReadScope, digest: Digest) -> SmallObject | None:
         """A small object this scope may read, uncounted (for a source's own bookkeeping)."""
         item = await self._cached(digest)

@@ -101,7 +101,7 @@ class ManifestService:
 
         return await self._store.small_objects.read(
             SmallRequest(
-                scope, self._origin(target), digest,
+                scope, self.origin(target), digest,
                 fetch=lambda: self._fetch(target, str(digest), _upstream_accept(accept)),
                 translate=translate, confirm=confirm,
             ),
@@ -128,7 +128,7 @@ class ManifestService:
             return data, _media_type(response, data)
 
         return await self._store.small_objects.read(
-            SmallRequest(scope, self._origin(target), digest, fetch=fetched, translate=translate), method=method
+            SmallRequest(scope, self.origin(target), digest, fetch=fetched, translate=translate), method=method
         )
 
     async def _head_tag(self, target: Target) -> Found:
@@ -153,7 +153,7 @@ class ManifestService:
         self._linked.put((scope, item.digest), time.monotonic())
 
     @staticmethod
-    def _origin(target: Target) -> Origin:
+    def origin(target: Target) -> Origin:
         return Origin(SOURCE, target.registry.name)
 
 

@@ -17,6 +17,7 @@ from proxy.resources import Fetched, FetchedFile, Resource, ResourceKind
 from proxy.sources.oci.blobs import BlobService
 from proxy.http.paths import UnsafePath, decode_segments, raw_segments_after
 from proxy.sources.oci.errors import API_VERSION_HEADER, NameInvalid, OciError, Unsupported
+from proxy.sources.oci.hot import HotManifests
 from proxy.sources.oci.manifests import ALL_MANIFEST_TYPES, DOCKER_LIST, OCI_INDEX, SOURCE, ManifestService, parse_accept
 from proxy.sources.oci.names import Kind, Router, Target
 from proxy.sources.oci.upstream import BlobTransport, RegistryClient
@@ -41,6 +42,7 @@ class OciMirror:
         self.clients = {r.name: RegistryClient(r, http, blobs) for r in settings.registries}
         self.manifests = ManifestService(store, self.clients)
         self.blobs = BlobService(store, self.clients)
+        self.hot = HotManifests(store.small_objects)  # answers repeated manifest GETs before routing (hot.py)
 
     @staticmethod
     def purge_rules(settings: Settings) -> list[TtlRule]:
@@ -128,7 +130,10 @@ class OciMirror:
         if etag in if_none_match or str(item.digest) in if_none_match:
             return Response(status_code=304, headers={k: v for k, v in headers.items() if k != "Content-Length"})
         body = b"" if request.method == "HEAD" else item.data
-        return Response(body, headers=headers, media_type=item.media_type or "application/json")
+        response = Response(body, headers=headers, media_type=item.media_type or "application/json")
+        if target.digest is not None and request.method == "GET":
+            self.hot.remember(request.scope, target.scope, ManifestService.origin(target), item.digest, response.raw_headers)
+        return response
 
     async def _tags(self, target: Target, request: Request) -> Response:
         params = {k: v for k, v in request.query_params.items() if k in ("n", "last")}
