@@ -395,3 +395,34 @@ async def test_a_fill_nobody_follows_neither_syncs_nor_writes_its_lease_until_a_
     assert (await asyncio.wait_for(follower, 20)).body == data
     assert (await asyncio.wait_for(filler, 20)).body == data
     assert upstream_a.opens == 1 and upstream_b.opens == 0
+
+
+async def test_a_heartbeat_that_reaches_the_database_after_the_commit_does_not_undo_it(nodes) -> None:  # type: ignore[no-untyped-def]
+    # Found in bench.fleet: a renewal (state streaming) issued just before the owner's commit landed
+    # after it, the lease went back to streaming and stopped changing, and a follower took it over.
+    a = await nodes("a")
+    rows, key = a.store.index.leases, "sha256:" + "ab" * 32
+    lease = rows.claim(key_hash(key), key, "a.1.0123456789abcdef", "a")
+    assert rows.update(lease.key_hash, lease.owner, state="committed", digest=key)
+    assert not rows.update(lease.key_hash, lease.owner, live_only=True, state="streaming", synced=5)
+    after = rows.get(lease.key_hash)
+    assert after is not None and after.state == "committed" and after.synced == 0
+    # ... and the owner's heartbeats are sent that way.
+    calls: list[dict] = []
+    real_update = a.leases.update
+
+    async def recorded(key_: str, owner: str, **values: object) -> bool:
+        calls.append(values)
+        return await real_update(key_, owner, **values)
+
+    a.leases.update = recorded  # type: ignore[method-assign]
+    a.leases.followed = lambda key_, owner: asyncio.sleep(0, result=True)  # type: ignore[method-assign]
+
+    async def synced() -> int:
+        return 0
+
+    renewing = asyncio.create_task(a.leases.keep_renewed(key, lease.owner, synced, dict))
+    await wait_for(lambda: len(calls) >= 2, message="two heartbeats")
+    renewing.cancel()
+    await asyncio.gather(renewing, return_exceptions=True)
+    assert all(call.get("live_only") is True for call in calls)

@@ -163,9 +163,9 @@ class Filler:
             writer.open(temp.fd, size)
             await receive(writer, body, temp, self._pools, plan.check)
             blob = await self._verify_and_commit(fill, plan, temp, size)
+            await stop_renewing()  # a renewal can still land after this; it never undoes the commit (live_only)
             if leases is not None:
                 await leases.update(fill.key, owner, state=LeaseState.COMMITTED, digest=str(blob.digest), size=blob.size)
-            await stop_renewing()
             temp.close()
             seconds = time.monotonic() - fill.stats.started_at
             self._events.fill_finished(plan.origin, blob.size, seconds, True)

@@ -34,7 +34,7 @@ from proxy.store.records import FillLease
 log = logging.getLogger(__name__)
 
 LEASE_POLL_SECONDS = 0.25  # how often a follower re-reads the lease row
-PUBLISH_SECONDS = 1.0  # how often a followed owner syncs its temp file and publishes how far it got
+PUBLISH_SECONDS = 0.25  # how often a followed owner syncs its temp file and publishes how far it got
 # How often an owner nobody follows renews its lease anyway: well inside the janitor's STALE_SECONDS,
 # so a long fill is never mistaken for a dead one.
 IDLE_RENEW_SECONDS = 60.0
@@ -115,10 +115,11 @@ class FillLeases:
         """The lease row; raises when the index cannot be read (the caller decides what that means)."""
         return await self._pools.index(self._rows.get, key_hash(key))
 
-    async def update(self, key: str, owner: str, **values: object) -> bool:
-        """Renew (and change) our lease; False if it was lost or the index is unreachable."""
+    async def update(self, key: str, owner: str, *, live_only: bool = False, **values: object) -> bool:
+        """Renew (and change) our lease; False if it was lost or the index is unreachable. With
+        `live_only`, only while the fill is opening or streaming (see LeaseIndex.update)."""
         try:
-            return await self._pools.index(self._rows.update, key_hash(key), owner, **values)
+            return await self._pools.index(self._rows.update, key_hash(key), owner, live_only=live_only, **values)
         except Exception as exc:  # noqa: BLE001
             log.warning("could not renew the fill lease of %s: %s", key, exc)
             return False
@@ -151,22 +152,30 @@ class FillLeases:
         """Run beside an owner's fill. Nobody following, the fill costs the index one read a
         PUBLISH_SECONDS (is it followed yet?) and a renewal every IDLE_RENEW_SECONDS, and the temp
         file no sync before its commit. Once another process follows it, every PUBLISH_SECONDS (or
-        third of the lease, if shorter): make the bytes written so far durable (`sync`, which
-        returns how many, or None before the temp file exists) and publish that watermark, what
-        `stream` says of the body (state and size, once open) and a heartbeat."""
+        third of the lease, if shorter) a heartbeat with what `stream` says of the body (state and
+        size, once open), and the watermark of the last completed `sync` (which makes the bytes
+        written so far durable and returns how many, or None before the temp file exists). Syncs
+        run beside the heartbeats: the first one after a long unfollowed stretch may flush a lot,
+        and followers must not take that for silence."""
         period = min(PUBLISH_SECONDS, self.lease_seconds / 3)
         followed, renewed_at = False, time.monotonic()
-        while True:
-            await asyncio.sleep(period)
-            followed = followed or await self.followed(key, owner)
-            if not followed and time.monotonic() - renewed_at < IDLE_RENEW_SECONDS:
-                continue
-            values: dict[str, object] = {}
-            if followed:
-                values.update(stream())
-                synced = await sync()
-                if synced is not None:
-                    values["synced"] = synced
-            renewed_at = time.monotonic()
-            if not await self.update(key, owner, **values):
-                log.warning("fill lease of %s lost: another node may be fetching it too", key)
+        syncing: asyncio.Task[int | None] | None = None
+        try:
+            while True:
+                await asyncio.sleep(period)
+                followed = followed or await self.followed(key, owner)
+                if not followed and time.monotonic() - renewed_at < IDLE_RENEW_SECONDS:
+                    continue
+                values: dict[str, object] = stream() if followed else {}
+                if followed and (syncing is None or syncing.done()):
+                    if syncing is not None and syncing.exception() is None and (synced := syncing.result()) is not None:
+                        values["synced"] = synced
+                    syncing = asyncio.create_task(sync())
+                renewed_at = time.monotonic()
+                # live_only: this may reach the database after the owner's commit, and must not undo it.
+                if not await self.update(key, owner, live_only=True, **values):
+                    log.warning("fill lease of %s lost or finished: another node may be fetching it too", key)
+        finally:
+            if syncing is not None and not syncing.done():
+                syncing.cancel()
+                await asyncio.gather(syncing, return_exceptions=True)

@@ -49,11 +49,16 @@ class LeaseIndex:
         with self.engine.begin() as connection:
             return connection.execute(stmt).rowcount == 1
 
-    def update(self, key_hash: str, owner: str, **values: Any) -> bool:
-        """Renew the owner's lease (heartbeat + 1), setting state, size or digest; False if it was lost."""
+    def update(self, key_hash: str, owner: str, *, live_only: bool = False, **values: Any) -> bool:
+        """Renew the owner's lease (heartbeat + 1), setting state, size or digest; False if it was lost.
+        With `live_only`, only while the fill is still opening or streaming: a renewal that reaches
+        the database after the owner's own commit (or failure) must not turn it back."""
+        conditions = [FillLeaseRow.key_hash == key_hash, FillLeaseRow.owner == owner]
+        if live_only:
+            conditions.append(FillLeaseRow.state.in_((LeaseState.OPENING, LeaseState.STREAMING)))
         stmt = (
             update(FillLeaseRow)
-            .where(FillLeaseRow.key_hash == key_hash, FillLeaseRow.owner == owner)
+            .where(*conditions)
             .values(heartbeat=FillLeaseRow.heartbeat + 1, renewed_at=time.time(), **values)
         )
         with self.engine.begin() as connection:
