@@ -112,6 +112,8 @@ def serve(config_file: str | None, cache_dir: str | None, database_url: str | No
         port=settings.port,
         log_config=None,
         access_log=settings.access_log,
+        # X-Forwarded-For only matters to the access log: without it, skip the middleware that reads it.
+        proxy_headers=settings.access_log,
         timeout_graceful_shutdown=10,
         server_header=False,
         http=guarded_protocol(HeadLimits(settings.header_timeout, settings.max_headers, settings.max_head_size)),
