@@ -40,7 +40,9 @@ from tests.servers.registry import Distribution  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
 SEED = 1
-SYSTEMS = ("pullthrough", "distribution")
+# "single": one pullthrough node (same PostgreSQL set-up) with the same clients per node, the
+# reference issue 12 compares the fleet's cold GET with.
+SYSTEMS = ("pullthrough", "single", "distribution")
 POSTGRES_ADMIN_URL = os.environ.get("PULLTHROUGH_TEST_POSTGRES",
                                     "postgresql+psycopg://postgres:postgres@127.0.0.1:5432/postgres")
 
@@ -58,7 +60,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--clients-per-node", type=int, default=4, help="concurrent clients on each node")
     parser.add_argument("--fill-lease", default="5s", help="pullthrough's fill_lease setting")
     parser.add_argument("--systems", default=",".join(SYSTEMS),
-                        help="comma-separated systems to measure (pullthrough, distribution)")
+                        help="comma-separated systems to measure (pullthrough, single, distribution)")
     parser.add_argument("--postgres", default=POSTGRES_ADMIN_URL,
                         help="SQLAlchemy URL of a PostgreSQL database with the right to create databases "
                              "(default: $PULLTHROUGH_TEST_POSTGRES or the tests' default)")
@@ -239,13 +241,14 @@ class PullthroughFleet(Fleet):
     name = "pullthrough"
 
     def __init__(self, image: BenchImage, workdir: Path, upstream_url: str, nodes: int, admin_url: str,
-                 fill_lease: str) -> None:
+                 fill_lease: str, name: str = "pullthrough") -> None:
+        self.name = name
         self.image = image
         self.workdir = workdir
         self.cache_dir = workdir / "cache"
         self.admin_url = admin_url
         self.fill_lease = fill_lease
-        self.label = f"{nodes} pullthrough nodes"
+        self.label = f"{nodes} pullthrough nodes" if nodes > 1 else "1 pullthrough node"
         self.registries = [{"name": "bench.local", "url": upstream_url, "default": True, "tag_ttl": "1h"}]
         # Fixed ports: every repetition starts new server objects (new database_url) on the same addresses.
         self.ports = [free_port() for _ in range(nodes)]
@@ -385,16 +388,19 @@ class Row:
     fmt: str
     aggregate: Callable[[list[float]], float] = statistics.median
     ratio: bool = True
+    single_ratio: bool = False  # also pullthrough's fleet ÷ one pullthrough node (and `check` gets that node's value)
     expected: str = ""
-    # (pullthrough, distribution) -> does the run match issue 6's expectation? None: cannot tell
+    # (pullthrough, distribution or the single node) -> does the run match the issues' expectation? None: cannot tell
     check: Callable[[float | None, float | None], bool | None] | None = None
 
 
 def rows(results: Results) -> list[Row]:
     n, total = results.nodes, results.client_count
     return [
-        Row("wall_s", f"{total} concurrent cold GETs over {n} nodes, wall (s)", "{:.2f}"),
-        Row("delivered_mibs", f"delivered to the {total} clients (MiB/s)", "{:.0f}"),
+        Row("wall_s", f"cold GETs, {results.clients_per_node} per node, wall until the last ends (s)", "{:.2f}",
+            single_ratio=True, expected="fleet ≤ 1.3× one node",
+            check=lambda pt, single: None if pt is None or single is None else pt <= 1.3 * single),
+        Row("delivered_mibs", "delivered to all clients (MiB/s)", "{:.0f}"),
         Row("slowest_client_s", "slowest client (s)", "{:.2f}"),
         Row("fastest_client_s", "fastest client (s)", "{:.2f}"),
         Row("upstream_gets", "upstream GETs of the blob", "{:.0f}",
@@ -411,17 +417,18 @@ def rows(results: Results) -> list[Row]:
 def table(results: Results) -> tuple[list[str], list[list[str]]]:
     columns = [s for s in SYSTEMS if s in results.systems]
     header = (["metric"] + [results.labels[s] for s in columns]
-              + ["pullthrough ÷ distribution", "issue 6 expects", "met"])
+              + ["pullthrough ÷ distribution", "pullthrough ÷ 1 node", "expected", "met"])
     body = []
     for row in rows(results):
         values = {s: results.get(row.metric, s, row.aggregate) for s in columns}
         if all(v is None for v in values.values()):
             continue
         cells = [row.label] + ["—" if values[s] is None else row.fmt.format(values[s]) for s in columns]
-        pt, dist = values.get("pullthrough"), values.get("distribution")
+        pt, dist, single = values.get("pullthrough"), values.get("distribution"), values.get("single")
         cells.append(f"{pt / dist:.2f}×" if row.ratio and pt is not None and dist else "—")
+        cells.append(f"{pt / single:.2f}×" if row.single_ratio and pt is not None and single else "—")
         cells.append(row.expected or "—")
-        met = None if row.check is None else row.check(pt, dist)
+        met = None if row.check is None else row.check(pt, single if row.single_ratio else dist)
         cells.append("—" if met is None else "yes" if met else "**no**")
         body.append(cells)
     return header, body
@@ -543,6 +550,9 @@ def make_fleet(name: str, image: BenchImage, run_dir: Path, upstream: Distributi
     if name == "pullthrough":
         return PullthroughFleet(image, run_dir / "pullthrough", upstream.url, args.nodes, args.postgres,
                                 args.fill_lease)
+    if name == "single":
+        return PullthroughFleet(image, run_dir / "single", upstream.url, 1, args.postgres, args.fill_lease,
+                                name="single")
     return DistributionFleet(image, run_dir / "distribution", upstream.url, args.nodes)
 
 
@@ -565,7 +575,7 @@ def run(args: argparse.Namespace) -> Results:
     image = build_layout(workdir / f"layout-{args.size_mib}m-seed{SEED}", args.size_mib << 20, SEED)
     log(f"image ready: layer {image.layer_digest[:19]}, {image.layer_size} bytes "
         f"({time.monotonic() - started:.1f}s)")
-    fleet_labels = {"pullthrough": f"{args.nodes} pullthrough nodes",
+    fleet_labels = {"pullthrough": f"{args.nodes} pullthrough nodes", "single": "1 pullthrough node",
                     "distribution": f"{args.nodes} distribution proxies"}
     results = Results(size=image.layer_size, reps=args.reps, nodes=args.nodes, clients_per_node=args.clients_per_node,
                       systems=args.systems, labels=fleet_labels, environment=environment(args.postgres))

@@ -59,6 +59,14 @@ def timed_get(url: str, headers: dict[str, str] | None = None) -> Transfer:
     return _parse_curl(result.stdout)
 
 
+def aggregate_mib_per_second(url: str, clients: int, expected_size: int) -> float:
+    """`clients` curls of the same URL at once: bytes delivered to all of them per second of wall time."""
+    wall, transfers = concurrent_gets(url, clients)
+    for transfer in transfers:
+        transfer.check(expected_size, f"{url} ({clients} concurrent)")
+    return clients * expected_size / 2**20 / wall
+
+
 def concurrent_gets(url: str, clients: int) -> tuple[float, list[Transfer]]:
     """Start `clients` curls at once; return the wall time until the last finished, and each one."""
     started = time.monotonic()
@@ -150,13 +158,22 @@ def _group_members(pgid: int) -> list[int]:
 def peak_rss_bytes(pid: int) -> int:
     """VmHWM (peak resident set) summed over the process group led by `pid`: the server process
     and any worker or wrapper it started."""
+    return _status_sum(pid, "VmHWM")
+
+
+def rss_bytes(pid: int) -> int:
+    """VmRSS (resident set now) summed over the process group led by `pid`."""
+    return _status_sum(pid, "VmRSS")
+
+
+def _status_sum(pid: int, field: str) -> int:
     total = 0
     for member in _group_members(pid) or [pid]:
         try:
             status = Path(f"/proc/{member}/status").read_text()
         except OSError:
             continue
-        if match := re.search(r"^VmHWM:\s+(\d+) kB", status, re.M):
+        if match := re.search(rf"^{field}:\s+(\d+) kB", status, re.M):
             total += int(match[1]) * 1024
     return total
 

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from bench.image import REPOSITORY, TAG, BenchImage
-from bench.measure import peak_rss_bytes
+from bench.measure import peak_rss_bytes, rss_bytes
 from tests.servers.pullthrough import Pullthrough
 from tests.servers.registry import Distribution
 
@@ -23,6 +23,7 @@ class Proxy:
         self.image = image
         # (what the instance did, its VmHWM): one entry per server instance, read before it stops.
         self.peak_rss: list[tuple[str, int]] = []
+        self.idle_rss: list[int] = []  # VmRSS a second after each start, before any request
         self.phase = "idle start"
 
     # -- what subclasses provide -------------------------------------------------------------
@@ -68,7 +69,13 @@ class Proxy:
         `phase` names what the new instance will be used for, in the RSS record."""
         self.record_rss()
         self._restart_empty()
+        self.record_idle_rss()
         self.phase = phase
+
+    def record_idle_rss(self) -> None:
+        if self.pid is not None:
+            time.sleep(1.0)  # whatever the server does right after it answers its first health check
+            self.idle_rss.append(rss_bytes(self.pid))
 
     def max_rss(self) -> tuple[str, int]:
         return max(self.peak_rss, key=lambda entry: entry[1])

@@ -22,7 +22,9 @@ if __package__ in (None, ""):  # `python bench/run.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.image import REPOSITORY, TAG, BenchImage, build_layout, push  # noqa: E402
-from bench.measure import MANIFEST_ACCEPT, concurrent_gets, request_rate, timed_get  # noqa: E402
+from bench.measure import (  # noqa: E402
+    MANIFEST_ACCEPT, aggregate_mib_per_second, concurrent_gets, peak_rss_bytes, request_rate, timed_get,
+)
 from tests.servers.nginx import Nginx  # noqa: E402
 from bench.proxies import PROXIES, Proxy  # noqa: E402
 from bench.report import Results, environment, render_markdown, render_text  # noqa: E402
@@ -43,6 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--size-mib", type=int, help="size of the layer's payload in MiB (default 1024)")
     parser.add_argument("--reps", type=int, help="repetitions of every measurement (default 3); medians are reported")
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients for the cold single-blob test")
+    parser.add_argument("--warm-clients", type=int, default=32, help="concurrent clients for the warm throughput test")
     parser.add_argument("--rate-seconds", type=float, help="duration of each request-rate run (default 3)")
     parser.add_argument("--connections", type=int, default=8, help="keep-alive connections for rate runs")
     parser.add_argument("--proxies", default="pullthrough,distribution",
@@ -151,6 +154,9 @@ def measure_concurrent(proxy: Proxy, upstream: Distribution, image: BenchImage, 
     settle_upstream(upstream, mark, image.layer_digest)
     gets, sent = upstream_blob_gets(upstream, mark, image.layer_digest)
     results.add("concurrent_wall_s", proxy.name, wall)
+    results.add("concurrent_over_single", proxy.name, wall / results.values["cold_s"][proxy.name][-1])
+    if proxy.pid is not None:
+        results.add("concurrent_peak_rss_mib", proxy.name, peak_rss_bytes(proxy.pid) / 2**20)
     results.add("concurrent_upstream_gets", proxy.name, gets)
     results.add("concurrent_upstream_bytes", proxy.name, sent / image.layer_size)
     log(f"{clients}x cold {proxy.label:<20} {wall:7.3f}s  upstream: {gets} GET(s), "
@@ -195,7 +201,7 @@ def run(args: argparse.Namespace) -> Results:
         f"({time.monotonic() - started:.1f}s)")
 
     results = Results(size=image.layer_size, reps=args.reps, clients=args.clients, proxies=args.proxies,
-                      environment=environment())
+                      environment=environment(), warm_clients=args.warm_clients)
     proxies: list[Proxy] = []
     upstream = nginx = None
     try:
@@ -210,6 +216,8 @@ def run(args: argparse.Namespace) -> Results:
         # Read the references once so every warm number is served from the page cache.
         for url in references.values():
             timed_get(url).check(image.layer_size, url)
+        for proxy in proxies:
+            proxy.record_idle_rss()
 
         for rep in range(args.reps):
             log(f"repetition {rep + 1}/{args.reps}")
@@ -217,12 +225,20 @@ def run(args: argparse.Namespace) -> Results:
             order = proxies[rep % len(proxies):] + proxies[:rep % len(proxies)]
             for proxy in order:
                 measure_cold(proxy, upstream, image, results, args.py_spy)
+            direct = timed_get(references["upstream"]).check(image.layer_size, "direct upstream GET")
+            results.add("cold_s", "upstream", direct.seconds)  # the wire: what a cold GET cannot beat
+            log(f"direct {'upstream':<20} {direct.seconds:7.3f}s")
             warm_targets = [(p.name, p.blob_url) for p in order] + list(references.items())
             warm_targets = warm_targets[rep % len(warm_targets):] + warm_targets[:rep % len(warm_targets)]
             for name, url in warm_targets:
                 transfer = timed_get(url).check(image.layer_size, f"{name} warm GET")
                 results.add("warm_s", name, transfer.seconds)
                 log(f"warm   {name:<20} {transfer.seconds:7.3f}s")
+            many_targets = [(p.name, p.blob_url) for p in order] + [("nginx", references["nginx"])]
+            for name, url in many_targets:
+                rate = aggregate_mib_per_second(url, args.warm_clients, image.layer_size)
+                results.add("warm_many_mibps", name, rate)
+                log(f"warm x{args.warm_clients} {name:<16} {rate:7.0f} MiB/s")
             for proxy in order:
                 measure_concurrent(proxy, upstream, image, args.clients, results, args.py_spy)
             rate_targets = [(p.name, p.manifest_digest_url, p.manifest_tag_url, upstream) for p in order] + [
@@ -238,6 +254,8 @@ def run(args: argparse.Namespace) -> Results:
             proxy.record_rss()
             phase, peak = proxy.max_rss()
             results.add("peak_rss_mib", proxy.name, peak / 2**20)
+            for idle in proxy.idle_rss:
+                results.add("idle_rss_mib", proxy.name, idle / 2**20)
             by_phase: dict[str, int] = {}
             for what, rss in proxy.peak_rss:
                 by_phase[what] = max(rss, by_phase.get(what, 0))
