@@ -6,6 +6,7 @@ path, and a manifest the store no longer holds in memory or may not serve take t
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from starlette.responses import Response
 from proxy.sources.oci.hot import HotManifests, HotPath
 from proxy.store.events import Outcome
 from proxy.store.records import ReadScope
+from proxy.store.store import Store
 from tests.door import ORIGIN, digest_of, new_store
 
 MANIFEST = json.dumps({"schemaVersion": 2, "layers": []}).encode()
@@ -46,7 +48,19 @@ async def call(app, scope: dict) -> tuple[int, dict[bytes, bytes], bytes]:  # ty
     return sent[0]["status"], dict(sent[0]["headers"]), b"".join(m.get("body", b"") for m in sent[1:])
 
 
-async def test_only_the_same_request_is_answered_before_routing_and_it_is_counted_as_a_hit(tmp_path: Path, index_url: str) -> None:
+@dataclass
+class Served:
+    """A store holding MANIFEST under SCOPE, the hot path in front of a stand-in for the OCI source's
+    full path, and the paths that reached the full path."""
+
+    store: Store
+    hot: HotManifests
+    app: HotPath
+    routed: list[str]
+
+
+@pytest.fixture
+async def served(tmp_path: Path, index_url: str):  # type: ignore[no-untyped-def]
     store = new_store(tmp_path, index_url)
     await store.start()
     digest = digest_of(MANIFEST)
@@ -61,7 +75,13 @@ async def test_only_the_same_request_is_answered_before_routing_and_it_is_counte
         hot.remember(scope, SCOPE, ORIGIN, digest, response.raw_headers)
         await response(scope, receive, send)
 
-    app = HotPath(full_path, hot)
+    yield Served(store, hot, HotPath(full_path, hot), routed)
+    await store.aclose()
+
+
+async def test_only_the_same_request_is_answered_before_routing_and_it_is_counted_as_a_hit(served: Served) -> None:
+    store, app, routed = served.store, served.app, served.routed
+    digest = digest_of(MANIFEST)
     path = f"/v2/library/app/manifests/{digest}"
     first = await call(app, http_scope(path))
     events = store._events
@@ -82,24 +102,11 @@ async def test_only_the_same_request_is_answered_before_routing_and_it_is_counte
     other = f"/v2/someone/else/manifests/{digest}"
     await call(app, http_scope(other))
     assert routed == [path] * 5 + [other]
-    await store.aclose()
 
 
-async def test_a_manifest_the_store_no_longer_holds_in_memory_or_may_not_serve_takes_the_full_path(tmp_path: Path, index_url: str) -> None:
-    store = new_store(tmp_path, index_url)
-    await store.start()
+async def test_a_manifest_the_store_no_longer_holds_in_memory_or_may_not_serve_takes_the_full_path(served: Served) -> None:
+    store, hot, app, routed = served.store, served.hot, served.app, served.routed
     digest = digest_of(MANIFEST)
-    await store.small_objects.put(SCOPE, ORIGIN, MANIFEST, digest, MEDIA_TYPE)
-    hot = HotManifests(store.small_objects)
-    routed: list[str] = []
-
-    async def full_path(scope, receive, send):  # type: ignore[no-untyped-def]
-        routed.append(scope["path"])
-        response = Response(MANIFEST, media_type=MEDIA_TYPE)
-        hot.remember(scope, SCOPE, ORIGIN, digest, response.raw_headers)
-        await response(scope, receive, send)
-
-    app = HotPath(full_path, hot)
     path = f"/v2/library/app/manifests/{digest}"
     await call(app, http_scope(path))
     store.small_objects._memory.forget(digest)  # evicted from memory: the full path reads it again
@@ -113,4 +120,3 @@ async def test_a_manifest_the_store_no_longer_holds_in_memory_or_may_not_serve_t
     hot.remember(http_scope(path), ReadScope.oci("docker.io", "private/repo"), ORIGIN, digest, [])
     await call(app, http_scope(path))
     assert len(routed) == 3
-    await store.aclose()
