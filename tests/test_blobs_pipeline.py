@@ -49,3 +49,43 @@ def test_a_failed_write_reaches_the_producer_and_never_strands_it_waiting_for_a_
         temp.hexdigest()
     temp.discard()
     assert not (tmp_path / "t").exists()
+
+
+def test_an_upstream_body_is_read_as_its_bytes_arrive_not_a_buffer_at_a_time() -> None:
+    # A slow upstream sends 1000 bytes and pauses: they must reach the fill now, not once a whole
+    # receive buffer has come in (http.client's readinto reads until the buffer is full).
+    import socket
+    import threading
+
+    from proxy.http.download import BlobDownload, BlobTransport
+
+    rest = threading.Event()
+    listener = socket.create_server(("127.0.0.1", 0))
+    body = os.urandom(3000)
+
+    def serve() -> None:
+        connection, _ = listener.accept()
+        with connection:
+            connection.recv(65536)
+            connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3000\r\n\r\n" + body[:1000])
+            rest.wait(10)
+            connection.sendall(body[1000:])
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    transport = BlobTransport("test")
+    download = BlobDownload(transport.get(f"http://127.0.0.1:{listener.getsockname()[1]}/blob", None))
+    buffer = bytearray(1024 * 1024)
+    got: list[int] = []
+    reader = threading.Thread(target=lambda: got.append(download.read_into(buffer)), daemon=True)
+    reader.start()
+    reader.join(5)
+    assert got == [1000], "the first bytes waited for the rest of the buffer"
+    rest.set()
+    received = bytes(buffer[:1000])
+    while count := download.read_into(buffer):
+        received += bytes(buffer[:count])
+    assert received == body and download.read_into(buffer) == 0
+    download.close()
+    transport.close()
+    listener.close()

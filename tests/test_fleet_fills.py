@@ -426,3 +426,32 @@ async def test_a_heartbeat_that_reaches_the_database_after_the_commit_does_not_u
     renewing.cancel()
     await asyncio.gather(renewing, return_exceptions=True)
     assert all(call.get("live_only") is True for call in calls)
+
+
+async def test_a_follower_that_could_not_tell_the_owner_asks_again_rather_than_take_a_live_fill_over(nodes) -> None:  # type: ignore[no-untyped-def]
+    a, b = await nodes("a"), await nodes("b")
+    real_follow, refused = b.leases.follow, []
+
+    async def index_hiccup_once(key: str, owner: str) -> bool:
+        if not refused:
+            refused.append(owner)
+            return False  # as FillLeases.follow answers when the index could not be written
+        return await real_follow(key, owner)
+
+    b.leases.follow = index_hiccup_once  # type: ignore[method-assign]
+    data = os.urandom(3 * 1024 * 1024)
+    digest = digest_of(data)
+    upstream_a, upstream_b = ScriptedUpstream(data, chunk=256 * 1024), ScriptedUpstream(data)
+    upstream_a.stall_at = 1024 * 1024
+    upstream_a.release.clear()
+    filler = client(a, request_for(digest, upstream_a))
+    await wait_for(lambda: a.store.fill_in_flight(str(digest)) is not None and a.fill(str(digest)).written > 0)
+    follower = client(b, request_for(digest, upstream_b))
+    await wait_for(lambda: (lease := lease_of(a, str(digest))) is not None and lease.followed, message="node a told it is followed")
+    seen = lease_of(a, str(digest))
+    # Several lease periods of node a's heartbeats while its upstream is stalled: node b stays a follower.
+    await wait_for(lambda: lease_of(a, str(digest)).heartbeat >= seen.heartbeat + 4 * LEASE_SECONDS / 0.25)  # type: ignore[union-attr]
+    upstream_a.release.set()
+    assert (await asyncio.wait_for(follower, 20)).body == data
+    assert (await asyncio.wait_for(filler, 20)).body == data
+    assert refused and upstream_b.opens == 0  # no second fetch

@@ -42,18 +42,19 @@ class BlobDownload:
         self._response = response
         length = response.headers.get("content-length")
         self.size: int | None = int(length) if length and length.isdigit() else None
-        # An identity body is read from http.client's response underneath, straight into the
-        # caller's buffer: urllib3's own readinto reads into a new bytes object and copies it.
-        # http.client still honours Content-Length and chunked framing; a body cut short reads
-        # as an early end, which the store's size and digest checks turn into a failed fill.
+        # An identity body that is not chunked is read from http.client's response underneath,
+        # straight into the caller's buffer: urllib3's own readinto reads into a new bytes object
+        # and copies it. Content-Length is honoured as http.client does; a body cut short reads as
+        # an early end, which the store's size and digest checks turn into a failed fill.
         raw = getattr(response, "_fp", None)
         encoded = response.headers.get("content-encoding", "identity").lower() not in ("", "identity")
-        self._raw: http.client.HTTPResponse | None = raw if isinstance(raw, http.client.HTTPResponse) and not encoded else None
+        plain = isinstance(raw, http.client.HTTPResponse) and not encoded and not raw.chunked
+        self._raw: http.client.HTTPResponse | None = raw if plain else None
 
     def read_into(self, buffer: bytearray) -> int:
         try:
             if self._raw is not None:
-                return self._raw.readinto(buffer)
+                return _read_some_into(self._raw, buffer)
             data = self._response.read1(len(buffer), decode_content=False)
         except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError) as exc:
             raise TransferFailed(f"upstream transfer broke off: {type(exc).__name__}") from None
@@ -65,6 +66,26 @@ class BlobDownload:
 
     def close(self) -> None:
         self._response.release_conn()
+
+
+def _read_some_into(raw: http.client.HTTPResponse, buffer: bytearray) -> int:
+    """http.client's own `readinto` for a body that is not chunked, with one socket read
+    (`readinto1`) instead of as many as it takes to fill the buffer: bytes are written and served
+    as they arrive, not once a whole buffer has come in from a slow upstream."""
+    view = memoryview(buffer)
+    if raw.length is not None:
+        if raw.length <= 0:
+            return 0
+        view = view[: raw.length]
+    assert raw.fp is not None
+    count = raw.fp.readinto1(view)
+    if not count:
+        raw._close_conn()  # the connection ended: the store's size and digest checks decide
+    elif raw.length is not None:
+        raw.length -= count
+        if not raw.length:
+            raw._close_conn()
+    return count
 
 
 class RedirectRefused(Exception):

@@ -60,6 +60,7 @@ class _Stage:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
         self._finished = False
+        self._finishing = threading.Lock()  # `flush` (the fill's thread) and `discard` may both finish
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
@@ -70,23 +71,26 @@ class _Stage:
                 except BaseException as exc:  # noqa: BLE001 - raised to the producer by `finish`
                     self.error = exc
             if then is not None:
-                then()
+                then()  # never raises: it hands on with `put(..., passing=True)` or gives a buffer back
 
     def idle(self) -> bool:
         """Nothing queued behind the piece being worked on (a hint: the producer may add more)."""
         return self._queue.empty()
 
-    def put(self, data: memoryview | bytes, then: Callable[[], None] | None = None) -> None:
-        if self.error is not None:
+    def put(self, data: memoryview | bytes, then: Callable[[], None] | None = None, *, passing: bool = False) -> None:
+        """Queue a piece. After a failure the producer gets the error; a piece `passing` through
+        from an earlier step is queued anyway (unprocessed), so that its `then` still runs."""
+        if self.error is not None and not passing:
             raise self.error
         self._queue.put((data, then))
 
     def finish(self) -> None:
         """Blocking: wait until every queued piece is done; raise the step's failure."""
-        if not self._finished:
-            self._finished = True
-            self._queue.put(None)
-            self._thread.join()
+        with self._finishing:
+            if not self._finished:
+                self._finished = True
+                self._queue.put(None)
+                self._thread.join()
         if self.error is not None:
             raise self.error
 
@@ -130,7 +134,7 @@ class TempBlob:
             ring.give(buffer)
             return
         hasher, give = self._hasher, functools.partial(ring.give, buffer)
-        self._writer.put(view, lambda: hasher.put(view, give))
+        self._writer.put(view, lambda: hasher.put(view, give, passing=True))
 
     def flush(self) -> None:
         """Blocking: every appended byte is written (`written` is final); raises a failed write."""

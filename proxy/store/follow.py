@@ -54,9 +54,10 @@ class RemoteFollower:
         asked: str | None = None  # the owner asked to publish its progress
         while True:
             if asked != lease.owner and lease.state in (LeaseState.OPENING, LeaseState.STREAMING):
-                if not lease.followed:
-                    await self._leases.follow(fill.key, lease.owner)
-                asked = lease.owner
+                # Until the owner knows it is followed it does not beat its heart: ask again on the
+                # next poll if the index could not be told, or its silence would look like death.
+                if lease.followed or await self._leases.follow(fill.key, lease.owner):
+                    asked = lease.owner
             if lease.state == LeaseState.COMMITTED:
                 if await self._adopt(fill, lease):
                     return None

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 LEASE_POLL_SECONDS = 0.25  # how often a follower re-reads the lease row
 PUBLISH_SECONDS = 0.25  # how often a followed owner syncs its temp file and publishes how far it got
+FOLLOWED_CHECK_SECONDS = 1.0  # how often an owner nobody follows yet asks the index whether that changed
 # How often an owner nobody follows renews its lease anyway: well inside the janitor's STALE_SECONDS,
 # so a long fill is never mistaken for a dead one.
 IDLE_RENEW_SECONDS = 60.0
@@ -130,19 +131,23 @@ class FillLeases:
         except Exception as exc:  # noqa: BLE001
             log.warning("could not release the fill lease of %s: %s", key, exc)
 
-    async def follow(self, key: str, owner: str) -> None:
-        """Ask `owner` to publish its progress: this process follows its fill from now on."""
+    async def follow(self, key: str, owner: str) -> bool:
+        """Ask `owner` to publish its progress: this process follows its fill from now on. False
+        when the index could not be told (the follower asks again on its next poll)."""
         try:
             await self._pools.index(self._rows.follow, key_hash(key), owner)
-        except Exception as exc:  # noqa: BLE001 - the follower asks again on its next poll
+        except Exception as exc:  # noqa: BLE001
             log.warning("could not ask the owner of %s to publish: %s", key, exc)
+            return False
+        return True
 
     async def followed(self, key: str, owner: str) -> bool:
-        """Whether another process follows our fill of `key` (False if the index cannot say)."""
+        """Whether another process follows our fill of `key` (False if the index cannot say: the
+        renewal that follows, once a minute, says so in the log)."""
         try:
             lease = await self._pools.index(self._rows.get, key_hash(key))
         except Exception as exc:  # noqa: BLE001
-            log.warning("could not read the fill lease of %s: %s", key, exc)
+            log.debug("could not read the fill lease of %s: %s", key, exc)
             return False
         return lease is not None and lease.owner == owner and lease.followed
 
@@ -150,7 +155,7 @@ class FillLeases:
         self, key: str, owner: str, sync: Callable[[], Awaitable[int | None]], stream: Callable[[], dict[str, object]]
     ) -> None:
         """Run beside an owner's fill. Nobody following, the fill costs the index one read a
-        PUBLISH_SECONDS (is it followed yet?) and a renewal every IDLE_RENEW_SECONDS, and the temp
+        FOLLOWED_CHECK_SECONDS (is it followed yet?) and a renewal every IDLE_RENEW_SECONDS, and the temp
         file no sync before its commit. Once another process follows it, every PUBLISH_SECONDS (or
         third of the lease, if shorter) a heartbeat with what `stream` says of the body (state and
         size, once open), and the watermark of the last completed `sync` (which makes the bytes
@@ -162,7 +167,7 @@ class FillLeases:
         syncing: asyncio.Task[int | None] | None = None
         try:
             while True:
-                await asyncio.sleep(period)
+                await asyncio.sleep(period if followed else min(FOLLOWED_CHECK_SECONDS, self.lease_seconds / 3))
                 followed = followed or await self.followed(key, owner)
                 if not followed and time.monotonic() - renewed_at < IDLE_RENEW_SECONDS:
                     continue
