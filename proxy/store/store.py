@@ -209,14 +209,18 @@ class Store:
         return fill, True
 
     async def _verified(self, fill: Fill, digest: Digest) -> None:
-        """Admit the scopes that read the fill before its file appears, so that whoever finds the
-        file finds it readable under their scope too."""
+        """Before the fetched file appears under blobs/: admit the scopes that read the fill and run
+        the requests' own follow-ups (naming the digest under an object's key), so that whoever
+        finds the file finds it readable under their scope and named by its key too. A name that
+        points at a file not there yet (or never, if the commit fails) reads as a miss."""
         for scope in list(fill.scopes):
             await self.admit(scope, [digest])
+        await self._follow_ups(fill, BlobFile(digest, self.files.path_for(digest), fill.written))
 
     async def _committed(self, fill: Fill, blob: BlobFile, origin: Origin, fetched_here: bool) -> None:
-        """Index the blob (when this process fetched it), admit every scope that read the fill, and
-        run the requests' own follow-ups (naming the digest under an object's key)."""
+        """Index the blob (when this process fetched it: its follow-ups ran in `_verified`), admit
+        every scope that read the fill, and run the requests' follow-ups (when it adopted a blob
+        another process or an earlier fill committed)."""
         if fetched_here:
             try:
                 await self.pools.index(
@@ -226,6 +230,11 @@ class Store:
                 log.warning("could not index %s: %s", blob.digest, exc)
         for scope in list(fill.scopes):
             await self.admit(scope, [blob.digest])
+        if not fetched_here:
+            await self._follow_ups(fill, blob)
+
+    @staticmethod
+    async def _follow_ups(fill: Fill, blob: BlobFile) -> None:
         for hook in fill.after_commit:
             try:
                 await hook(blob)

@@ -74,26 +74,26 @@ class Front:
         method, path = handler.command, handler.path
         authorization = handler.headers.get("Authorization")
         if self.basic_auth is not None and authorization != _basic(*self.basic_auth):
+            self.seen.append((method, path, 401, authorization))  # before the reply: the test may look once it has it
             self._reply(handler, 401, {"WWW-Authenticate": 'Basic realm="front"'}, b"")
-            self.seen.append((method, path, 401, authorization))
             return
         if self.redirect_blobs_to and method == "GET" and "/blobs/sha256:" in path:
-            self._reply(handler, 307, {"Location": self.redirect_blobs_to + path}, b"")
             self.seen.append((method, path, 307, authorization))
+            self._reply(handler, 307, {"Location": self.redirect_blobs_to + path}, b"")
             return
         failure = self._failure_for(method, path)
         if failure is not None:
             code = {429: "TOOMANYREQUESTS"}.get(failure.status, "UNAVAILABLE")
             body = json.dumps({"errors": [{"code": code, "message": "failing on purpose"}]}).encode()
-            self._reply(handler, failure.status, {"Content-Type": "application/json"}, body)
             self.seen.append((method, path, failure.status, authorization))
+            self._reply(handler, failure.status, {"Content-Type": "application/json"}, body)
             return
         headers = {k: v for k, v in handler.headers.items() if k.lower() not in ("host", "connection")}
         upstream = self._client.request(method, path, headers=headers)
         out = {k: v for k, v in upstream.headers.items() if k.lower() not in ("connection", "transfer-encoding", "content-encoding")}
         out.update(self.extra_headers)
-        self._reply(handler, upstream.status_code, out, upstream.content)
         self.seen.append((method, path, upstream.status_code, authorization))
+        self._reply(handler, upstream.status_code, out, upstream.content)
 
     @staticmethod
     def _reply(handler: BaseHTTPRequestHandler, status: int, headers: dict[str, str], body: bytes) -> None:
