@@ -51,6 +51,7 @@ class Traffic:
         self._node = node
         self._pools = pools
         self._pending: Counter[CounterKey] = Counter()
+        self._saving: Counter[CounterKey] = Counter()  # handed to the index by a flush, not yet read back
         self._saved: dict[CounterKey, int] = {}
         self._repos: Counter[tuple[str, str]] = Counter()
         self._repo_bytes: Counter[tuple[str, str]] = Counter()
@@ -152,15 +153,27 @@ class Traffic:
         await self.flush()
 
     async def flush(self) -> None:
-        """Save this node's counts, and read every node's back: /stats adds up the whole fleet."""
+        """Save this node's counts, and read every node's back: /stats adds up the whole fleet.
+
+        The counts being saved stay in `totals()` (as `_saving`) until the saved totals that include
+        them replace `_saved`: a report in between must not see them vanish."""
         pending, self._pending = self._pending, Counter()
-        if pending:
-            try:
+        self._saving.update(pending)
+        try:
+            if pending:
                 await self._blocking(self._index.counters.add, self._node, dict(pending))
-            except Exception:
-                self._pending.update(pending)  # try again next time
-                raise
-        self._saved = await self._blocking(self._index.counters.totals)
+        except Exception:
+            self._saving.subtract(pending)
+            self._pending.update(pending)  # try again next time
+            raise
+        try:
+            saved = await self._blocking(self._index.counters.totals)
+        except Exception:
+            self._saved = {key: self._saved.get(key, 0) + pending[key] for key in self._saved.keys() | pending.keys()}
+            self._saving.subtract(pending)
+            raise
+        self._saved = saved  # and, in the same step, they stop counting as being saved
+        self._saving.subtract(pending)
 
     async def _flush_periodically(self) -> None:
         while True:
@@ -181,8 +194,10 @@ class Traffic:
     # -- reports -------------------------------------------------------------------------------------
     def totals(self) -> dict[CounterKey, int]:
         merged = dict(self._saved)
-        for key, value in self._pending.items():
-            merged[key] = merged.get(key, 0) + value
+        for counts in (self._saving, self._pending):
+            for key, value in counts.items():
+                if value:
+                    merged[key] = merged.get(key, 0) + value
         return merged
 
     async def usage(self) -> _Usage:

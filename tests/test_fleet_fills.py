@@ -455,3 +455,32 @@ async def test_a_follower_that_could_not_tell_the_owner_asks_again_rather_than_t
     assert (await asyncio.wait_for(follower, 20)).body == data
     assert (await asyncio.wait_for(filler, 20)).body == data
     assert refused and upstream_b.opens == 0  # no second fetch
+
+
+async def test_a_report_while_the_counters_are_being_saved_still_counts_them(shared: tuple[Path, str]) -> None:
+    # Found by CI on PostgreSQL: /stats answered while a flush was writing showed coalesced = 0.
+    import threading
+
+    from proxy.stats import Traffic
+
+    index = Index(make_engine(shared[1]))
+    traffic = Traffic(index, node="one")
+    await traffic.start()
+    traffic.request(ORIGIN, SCOPE, Outcome.MISS, joined=True)
+    writing, finish = threading.Event(), threading.Event()
+    real_add = index.counters.add
+
+    def slow_add(node: str, counts: dict) -> None:  # type: ignore[type-arg]
+        writing.set()
+        finish.wait(10)
+        real_add(node, counts)
+
+    index.counters.add = slow_add  # type: ignore[method-assign]
+    flushing = asyncio.create_task(traffic.flush())
+    await wait_for(writing.is_set, message="the flush writing")
+    assert {key.name: value for key, value in traffic.totals().items()}.get("coalesced") == 1
+    finish.set()
+    await flushing
+    assert {key.name: value for key, value in traffic.totals().items()}.get("coalesced") == 1
+    index.counters.add = real_add  # type: ignore[method-assign]
+    await traffic.aclose()
