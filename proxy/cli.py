@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 
 from proxy.config import ConfigError, Settings, load_settings
+from proxy.logs import configure_logging
 
 if TYPE_CHECKING:
     from proxy.store.blobs import BlobStore
@@ -44,45 +45,6 @@ def _settings(config_file: str | None, **flags: Any) -> Settings:
         _fail(f"config error: {exc}")
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
-    # httpx logs every URL at INFO and urllib3 at DEBUG, and CDN redirect URLs (and /web/ URLs)
-    # carry signed credentials in their query strings.
-    for chatty in ("httpx", "httpcore", "urllib3"):
-        logging.getLogger(chatty).setLevel(logging.WARNING)
-    logging.getLogger("uvicorn.error").addFilter(_quiet_tls_probes)
-    logging.getLogger("uvicorn.access").addFilter(_no_signed_queries)
-    logging.getLogger("uvicorn.error").addFilter(_condense_aborted_streams)
-
-
-def _condense_aborted_streams(record: logging.LogRecord) -> bool:
-    """A response cut short because its fill failed is expected: one line, not a traceback."""
-    from proxy.store.fill import FillFailed
-
-    error = record.exc_info[1] if record.exc_info else None
-    if isinstance(error, BaseExceptionGroup):
-        error = next(iter(error.subgroup(FillFailed).exceptions), None) if error.subgroup(FillFailed) else None
-    if isinstance(error, FillFailed):
-        record.msg, record.args, record.exc_info = "response cut short: %s", (error,), None
-        record.levelno, record.levelname = logging.WARNING, "WARNING"
-    return True
-
-
-def _no_signed_queries(record: logging.LogRecord) -> bool:
-    """A /web/ URL's query string may be a signature (a presigned S3 or GCS URL): never logged."""
-    args = record.args
-    if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str) and args[2].startswith("/web/"):
-        record.args = (*args[:2], args[2].split("?", 1)[0], *args[3:])
-    return True
-
-
-def _quiet_tls_probes(record: logging.LogRecord) -> bool:
-    """podman and skopeo try TLS first on an insecure mirror; uvicorn warns of each ClientHello."""
-    return record.getMessage() != "Invalid HTTP request received." or logging.getLogger().isEnabledFor(logging.DEBUG)
-
-
 @click.group()
 @click.version_option(package_name="pullthrough")
 def main() -> None:
@@ -94,44 +56,11 @@ def main() -> None:
 @click.option("--listen", help="HOST:PORT to listen on (default 127.0.0.1:5000).")
 def serve(config_file: str | None, cache_dir: str | None, database_url: str | None, listen: str | None) -> None:
     """Run the cache server."""
-    import uvicorn
-
-    from proxy.app import create_server_app
-    from proxy.http.server import HeadLimits, guarded_protocol
+    from proxy.serving import run_server
 
     settings = _settings(config_file, cache_dir=cache_dir, database_url=database_url, listen=listen)
-    _configure_logging(settings.log_level)
-    try:
-        app = create_server_app(settings)
-    except OSError as exc:
-        _fail(f"cannot use cache_dir {settings.cache_dir}: {exc.strerror}")
-    _raise_open_file_limit(settings.max_connections)
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=settings.access_log,
-        # X-Forwarded-For only matters to the access log: without it, skip the middleware that reads it.
-        proxy_headers=settings.access_log,
-        timeout_graceful_shutdown=10,
-        server_header=False,
-        http=guarded_protocol(HeadLimits(settings.header_timeout, settings.max_headers, settings.max_head_size)),
-        limit_concurrency=settings.max_connections,
-        timeout_keep_alive=max(1, round(settings.keep_alive_timeout)),
-    )
-
-
-def _raise_open_file_limit(connections: int) -> None:
-    """Every connection is a descriptor, and a busy mirror holds a few more per transfer: raise the
-    soft limit towards the hard one (commonly 1024 soft, far more hard)."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = connections * 2 + 256
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, target), hard))
+    configure_logging(settings.log_level)
+    run_server(settings)
 
 
 @main.group()
@@ -147,7 +76,7 @@ def db_upgrade(config_file: str | None, cache_dir: str | None, database_url: str
     from proxy.migrate import upgrade
 
     settings = _settings(config_file, cache_dir=cache_dir, database_url=database_url)
-    _configure_logging(settings.log_level)
+    configure_logging(settings.log_level)
     settings.cache_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings.effective_database_url, revision)
     click.echo(f"index at {revision}")
