@@ -88,7 +88,7 @@ class Runtime:
     async def start(self) -> None:
         await self.store.pools.index(prepare_database, self.index.engine, self.settings.effective_database_url)
         await self.store.start()
-        await self.store.pools.files(self.janitor.sweep)  # index and files agree before the first request
+        await self.store.pools.files(self.janitor.sweep_alone)  # index and files agree before the first request
         await self.traffic.start()
 
     async def aclose(self) -> None:

@@ -147,10 +147,52 @@ def test_sweep_adopts_files_without_rows_and_drops_rows_without_files(cache: Cac
     # A file deleted by hand, or a crash between row and file removal: a row with no file.
     gone = cache.add(b"file lost", age=60)
     cache.store.path_for(Digest.parse(gone)).unlink()
-    assert Janitor(cache.store, cache.index, Policy(default_ttl=DAY)).sweep() == (1, 1)
+    janitor = Janitor(cache.store, cache.index, Policy(default_ttl=DAY))
+    assert janitor.sweep() == (0, 1)  # the file just renamed into place may be a commit whose row is on its way
+    assert cache.index.blobs.get(str(unindexed)) is None
+    janitor.adopt_after = 0  # once that is long past, the file is adopted
+    assert janitor.sweep() == (1, 0)
     assert cache.present(kept)
     assert cache.present(str(unindexed))
     assert cache.index.blobs.get(gone) is None
+
+
+def test_a_blob_another_node_commits_during_the_sweep_keeps_its_row(cache: Cache) -> None:
+    """Another node commits (renames its file into place, then adds its row) between the sweep's
+    two reads, whichever comes first: the sweep must neither drop that row nor adopt the file."""
+    data = b"committed by another node mid-sweep"
+    digest = Digest.from_hex(hashlib.sha256(data).hexdigest())
+    janitor = Janitor(cache.store, cache.index, Policy(default_ttl=DAY))
+    first_read = []
+
+    def commit_after(read):  # type: ignore[no-untyped-def]
+        def wrapped():  # type: ignore[no-untyped-def]
+            result = read()
+            if not first_read:
+                first_read.append(read)
+                cache.store.put_bytes(data, digest)
+                cache.index.blobs.add(str(digest), len(data), source="oci", upstream="ghcr.io")
+            return result
+        return wrapped
+
+    janitor._digests_on_disk = commit_after(janitor._digests_on_disk)  # type: ignore[method-assign]
+    cache.index.blobs.all_digests = commit_after(cache.index.blobs.all_digests)  # type: ignore[method-assign]
+    janitor.sweep()
+    assert first_read, "the sweep read neither the files nor the rows"
+    record = cache.index.blobs.get(str(digest))
+    assert record is not None and record.upstream == "ghcr.io"
+    assert cache.present(str(digest))
+
+
+def test_the_start_up_sweep_waits_its_turn_behind_another_janitor(cache: Cache) -> None:
+    gone = cache.add(b"row without a file", age=60)
+    cache.store.path_for(Digest.parse(gone)).unlink()
+    janitor = Janitor(cache.store, cache.index, Policy(default_ttl=DAY))
+    with janitor._only_janitor() as alone:
+        assert alone
+        assert Janitor(cache.store, cache.index, Policy(default_ttl=DAY)).sweep_alone() is None
+        assert cache.index.blobs.get(gone) is not None
+    assert Janitor(cache.store, cache.index, Policy(default_ttl=DAY)).sweep_alone() == (0, 1)
 
 
 def test_verify_finds_and_repairs_a_corrupted_blob(cache: Cache) -> None:

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 BATCH = 5000
 FINISHED_LEASE_SECONDS = 600.0  # followers read a committed lease's digest within a second
 STALE_SECONDS = 3600.0  # a live fill writes its temp file and renews its lease far more often
+ADOPT_AFTER_SECONDS = 60.0  # a committer adds its row right after its rename
 UNBACKED_SCOPE_SECONDS = 86400.0  # a manifest listed layers a day ago that nobody pulled since
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
@@ -67,8 +68,9 @@ class PurgeResult:
 
 
 class Janitor:
-    def __init__(self, store: BlobStore, index: Index, policy: Policy) -> None:
+    def __init__(self, store: BlobStore, index: Index, policy: Policy, *, adopt_after: float = ADOPT_AFTER_SECONDS) -> None:
         self.store = store
+        self.adopt_after = adopt_after
         self.index = index
         self.policy = policy
         self._scopes_dropped_at = time.time()  # the first scan a day after start: it reads every admission
@@ -209,17 +211,36 @@ class Janitor:
                 pass
 
     def sweep(self) -> tuple[int, int]:
-        """Make the index and the files agree: (files adopted, rows dropped)."""
-        on_disk = set(self._digests_on_disk())
+        """Make the index and the files agree: (files adopted, rows dropped).
+
+        Another node may commit a blob while this runs: it renames the file into place, then adds
+        its row. So rows are read before files are listed (a row read first has its file in place,
+        and is never taken for a dangling one), and a file without a row is adopted only once its
+        rename is older than `adopt_after` (a fresh one's row is on its way, with its real
+        origin; a later sweep adopts it if the committer died in between).
+        """
         indexed = self.index.blobs.all_digests()
-        orphans = [d for d in on_disk if d not in indexed]
-        for digest in orphans:
-            size = self.store.path_for(Digest.parse(digest)).stat().st_size
-            self.index.blobs.add(digest, size, source="unknown", upstream="unknown")
+        on_disk = set(self._digests_on_disk())
+        settled_before = time.time() - self.adopt_after
+        adopted = 0
+        for digest in on_disk - indexed:
+            try:
+                stat = self.store.path_for(Digest.parse(digest)).stat()
+            except FileNotFoundError:
+                continue  # purged since the listing
+            if stat.st_ctime > settled_before:
+                continue
+            self.index.blobs.add(digest, stat.st_size, source="unknown", upstream="unknown")
+            adopted += 1
         dangling = [d for d in indexed if d not in on_disk]
         if dangling:
             self.index.blobs.remove(dangling)
-        return len(orphans), len(dangling)
+        return adopted, len(dangling)
+
+    def sweep_alone(self) -> tuple[int, int] | None:
+        """The sweep under the janitors' lock (None when another janitor holds it: it sweeps)."""
+        with self._only_janitor() as alone:
+            return self.sweep() if alone else None
 
     def _digests_on_disk(self) -> list[str]:
         """Every blob file's digest, from the directory entries alone (no stat per file)."""
