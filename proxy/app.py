@@ -11,9 +11,7 @@ from dataclasses import dataclass, field
 
 import httpx
 from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route
+from starlette.types import ASGIApp
 
 from proxy import __version__
 from proxy.config import Settings
@@ -23,6 +21,7 @@ from proxy.sources.oci.hot import HotPath
 from proxy.migrate import prepare_database
 from proxy.ops import Operations
 from proxy.pins import ResourceSets
+from proxy.readiness import Readiness
 from proxy.sources.source import Sources, build_sources, expiring_references, purge_rules
 from proxy.stats import Traffic
 from proxy.store.index import Index, make_engine
@@ -65,6 +64,7 @@ class Runtime:
     blob_transport: BlobTransport
     sources: Sources
     resource_sets: ResourceSets
+    readiness: Readiness
     _purge_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @classmethod
@@ -83,6 +83,7 @@ class Runtime:
         return cls(
             settings, index, traffic, store, Janitor(store.files, index, purge_policy(settings)), http, blob_transport,
             sources, ResourceSets(settings.resource_sets, store, sources),
+            Readiness(index.engine, store.files.tmp_dir, settings.node_name, pools),
         )
 
     async def start(self) -> None:
@@ -90,6 +91,24 @@ class Runtime:
         await self.store.start()
         await self.store.pools.files(self.janitor.sweep_alone)  # index and files agree before the first request
         await self.traffic.start()
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Started (migrations, the sweep), with the janitor and the resource sets' prefetch in the
+        background; closed on the way out."""
+        await self.start()
+        background = [asyncio.create_task(self.purge_periodically(), name="janitor")]
+        if self.settings.prefetch_on_start and self.settings.resource_sets:
+            background.append(asyncio.create_task(self.resource_sets.prefetch_all(), name="prefetch"))
+        self.readiness.started = True
+        try:
+            yield
+        finally:
+            self.readiness.draining = True
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            await self.aclose()
 
     async def aclose(self) -> None:
         await self.sources.aclose()
@@ -135,24 +154,12 @@ def create_app(settings: Settings) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
-        await runtime.start()
-        background = [asyncio.create_task(runtime.purge_periodically(), name="janitor")]
-        if settings.prefetch_on_start and settings.resource_sets:
-            background.append(asyncio.create_task(runtime.resource_sets.prefetch_all(), name="prefetch"))
-        log.info("pullthrough %s serving %s from %s", __version__, settings.listen, settings.cache_dir)
-        try:
+        """For ASGI servers other than `serve` (which starts the runtime itself, after binding)."""
+        async with runtime.running():
             yield
-        finally:
-            for task in background:
-                task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
-            await runtime.aclose()
-
-    async def healthz(_request: Request) -> JSONResponse:
-        return JSONResponse({"status": "ok", "version": __version__})
 
     routes = [
-        Route("/healthz", healthz, methods=["GET", "HEAD"]),
+        *runtime.readiness.routes(),
         *ops.routes(),
         *runtime.resource_sets.routes(ops.admin_refusal),
         *runtime.sources.routes(),
@@ -162,9 +169,12 @@ def create_app(settings: Settings) -> Starlette:
     return app
 
 
-def create_server_app(settings: Settings) -> HotPath:
-    """The app as `serve` runs it: zero-copy must wrap Starlette's own middleware to see the server,
-    and repeated manifest GETs are answered before either (proxy/sources/oci/hot.py)."""
+def create_server_app(settings: Settings) -> tuple[ASGIApp, Runtime]:
+    """The app as `serve` runs it, and its runtime (which `serve` starts and stops around the
+    server): zero-copy must wrap Starlette's own middleware to see the server, and repeated
+    manifest GETs are answered before either (proxy/sources/oci/hot.py)."""
     app = create_app(settings)
-    oci = app.state.runtime.sources.named("oci")
-    return HotPath(ZeroCopyMiddleware(app, send_timeout=settings.send_timeout), oci.hot)
+    runtime: Runtime = app.state.runtime
+    oci = runtime.sources.named("oci")
+    served: ASGIApp = HotPath(ZeroCopyMiddleware(app, send_timeout=settings.send_timeout), oci.hot)
+    return served, runtime

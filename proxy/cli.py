@@ -56,11 +56,15 @@ def main() -> None:
 @click.option("--listen", help="HOST:PORT to listen on (default 127.0.0.1:5000).")
 def serve(config_file: str | None, cache_dir: str | None, database_url: str | None, listen: str | None) -> None:
     """Run the cache server."""
-    from proxy.serving import run_server
+    from proxy.serving import ServeError, run_server
 
     settings = _settings(config_file, cache_dir=cache_dir, database_url=database_url, listen=listen)
     configure_logging(settings.log_level)
-    run_server(settings)
+    try:
+        run_server(settings)
+    except ServeError as exc:
+        click.echo(f"pullthrough: {exc}", err=True)
+        sys.exit(1)
 
 
 @main.group()

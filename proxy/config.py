@@ -280,6 +280,9 @@ class Settings(BaseSettings):
     web: WebConfig = Field(default_factory=WebConfig)
     resource_sets: list[ResourceSet] = Field(default_factory=list)
     prefetch_on_start: bool = True
+    # -- shutdown (SIGTERM or SIGINT) --------------------------------------------------------------
+    drain_delay: Duration = 0.0  # /readyz answers 503 this long before the listener closes (a load balancer's probe period)
+    shutdown_grace: Duration = 30.0  # then running transfers get this long to finish before they are cut
     # -- a fleet sharing one cache_dir and one PostgreSQL database ------------------------------
     node: str | None = None  # unique per node sharing the cache: names its temp files and counters (default: hostname)
     fill_lease: Duration = 15.0  # a filling node silent this long loses its download to another node
