@@ -16,6 +16,7 @@ from starlette.types import ASGIApp
 from proxy import __version__
 from proxy.config import Settings
 from proxy.http.download import BlobTransport
+from proxy.http.timing import RequestTiming
 from proxy.http.zerocopy import ZeroCopyMiddleware
 from proxy.sources.oci.hot import HotPath
 from proxy.migrate import prepare_database
@@ -177,4 +178,5 @@ def create_server_app(settings: Settings) -> tuple[ASGIApp, Runtime]:
     runtime: Runtime = app.state.runtime
     oci = runtime.sources.named("oci")
     served: ASGIApp = HotPath(ZeroCopyMiddleware(app, send_timeout=settings.send_timeout), oci.hot)
+    served = RequestTiming(served, runtime.traffic.exchange_finished)  # outermost: hot answers are timed too
     return served, runtime

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import hmac
 import json
+import shutil
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from importlib import resources
 from typing import Any
 
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
@@ -67,7 +69,9 @@ class Operations:
         if (refusal := self._refuse(request, reading=True)) is not None:
             return refusal
         await self._traffic.usage()  # refreshes the size gauges
-        return Response(self._traffic.metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        free = await self._store.pools.files(_free_bytes, str(self._settings.cache_dir))
+        self._traffic.cache_space(max_size=self._settings.max_size, min_free=self._settings.min_free, free=free)
+        return Response(self._traffic.metrics(), headers={"content-type": CONTENT_TYPE_LATEST})
 
     async def dashboard(self, request: Request) -> Response:
         if (refusal := self._refuse(request, reading=True)) is not None:
@@ -102,6 +106,15 @@ class Operations:
         secret = self._settings.admin_secret()
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         return secret is not None and scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), secret.encode())
+
+
+def _free_bytes(path: str) -> int | None:
+    """Blocking: the free space the janitor's min_free compares with (in a file-pool thread: a
+    stalled network filesystem must not stall the event loop)."""
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
 
 
 def dumps(report: dict[str, Any]) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import platform
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
@@ -16,8 +17,14 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import anyio
-from prometheus_client import CollectorRegistry, Counter as PromCounter, Gauge, Histogram, generate_latest
+import prometheus_client
+from prometheus_client import (
+    CollectorRegistry, Counter as PromCounter, Gauge, Histogram, Info, PlatformCollector, ProcessCollector, generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
 
+from proxy import __version__
+from proxy.http.timing import CURRENT, Exchange
 from proxy.store.events import Outcome
 from proxy.store.index import Index
 from proxy.store.pools import Pools
@@ -33,6 +40,34 @@ TOP = 10
 Nameable = Callable[[str, str], Awaitable[bool]]  # (scope kind, name): may a report name it?
 MAX_REPOSITORIES = 10_000
 T = TypeVar("T")
+# Seconds from a request's arrival to its last byte: a hot manifest takes well under a millisecond,
+# a cold multi-GiB layer minutes.
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+# Every Counter and Histogram would also export a `_created` series per child: twice the series for
+# nothing a dashboard or an alert reads. This is prometheus_client's process-wide switch.
+prometheus_client.disable_created_metrics()
+
+
+class _CacheSpace:
+    """The cache's limits and the free space beside it, as gauges read at scrape time; a limit
+    that is not configured is absent, so that `cache / max` has no result rather than a wrong one."""
+
+    def __init__(self) -> None:
+        self.max_size: int | None = None
+        self.min_free: int | None = None
+        self.free: int | None = None
+
+    def collect(self) -> list[Metric]:
+        metrics = []
+        for name, value, doc in (
+            ("pullthrough_cache_max_bytes", self.max_size, "The configured max_size of the cache."),
+            ("pullthrough_cache_min_free_bytes", self.min_free, "The configured min_free of the cache's filesystem."),
+            ("pullthrough_filesystem_free_bytes", self.free, "Bytes free to unprivileged users on the cache's filesystem."),
+        ):
+            if value is not None:
+                metrics.append(GaugeMetricFamily(name, doc, value=value))
+        return metrics
 
 
 @dataclass
@@ -73,6 +108,22 @@ class Traffic:
             "pullthrough_fleet_fills", "Fills another node of the fleet downloaded (followed) or that this node took over from a silent one.",
             [*labels, "event"], registry=self.registry,
         )
+        self._served = PromCounter(
+            "pullthrough_served_bytes", "Body bytes sent to clients: from the cache (hit) or while they arrived from the upstream (miss).",
+            [*labels, "result"], registry=self.registry,
+        )
+        self._running = Gauge("pullthrough_fills_in_progress", "Fills running in this process (fetching or following).", labels, registry=self.registry)
+        self._durations = Histogram(
+            "pullthrough_request_duration_seconds", "Time from a request's arrival to its response's last byte.",
+            ["family", "result"], buckets=DURATION_BUCKETS, registry=self.registry,
+        )
+        Info("pullthrough_build", "The running version.", registry=self.registry).info(
+            {"version": __version__, "python": platform.python_version()}
+        )
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        self._space = _CacheSpace()
+        self.registry.register(self._space)  # type: ignore[arg-type]
         self._cache_bytes = Gauge("pullthrough_cache_bytes", "Bytes in the cache.", registry=self.registry)
         self._cache_entries = Gauge("pullthrough_cache_entries", "Blobs in the cache.", registry=self.registry)
         self.purges = PromCounter("pullthrough_purges", "Janitor passes.", ["reason"], registry=self.registry)
@@ -80,6 +131,9 @@ class Traffic:
 
     # -- events, on the request path (no I/O) ---------------------------------------------------
     def request(self, origin: Origin, scope: ReadScope, outcome: Outcome, *, joined: bool) -> None:
+        exchange = CURRENT.get()
+        if exchange is not None:  # the client's request in progress: its duration and bytes are labelled by this read
+            exchange.outcome, exchange.origin = outcome, origin
         self._count(origin, "requests")
         self._count(origin, "hits" if outcome is Outcome.HIT else "misses")
         self._child(self._requests, origin.source, origin.upstream, outcome.value).inc()
@@ -109,6 +163,25 @@ class Traffic:
     def fill_taken_over(self, origin: Origin) -> None:
         self._count(origin, "fleet_takeovers")
         self._child(self._fleet, origin.source, origin.upstream, "taken_over").inc()
+
+    def fill_began(self, origin: Origin) -> None:
+        self._child(self._running, origin.source, origin.upstream).inc()
+
+    def fill_ended(self, origin: Origin) -> None:
+        self._child(self._running, origin.source, origin.upstream).dec()
+
+    def exchange_finished(self, exchange: Exchange) -> None:
+        """A response's last byte went out (proxy/http/timing.py): its duration, and the bytes it
+        sent by where they came from."""
+        result = "none" if exchange.outcome is None else exchange.outcome.value
+        self._child(self._durations, exchange.family, result).observe(exchange.seconds)
+        if exchange.origin is not None:
+            sent = exchange.sent
+            if sent:
+                self._child(self._served, exchange.origin.source, exchange.origin.upstream, result).inc(sent)
+
+    def cache_space(self, *, max_size: int | None, min_free: int | None, free: int | None) -> None:
+        self._space.max_size, self._space.min_free, self._space.free = max_size, min_free, free
 
     def _count(self, origin: Origin, name: str, amount: int = 1) -> None:
         key = self._keys.get((origin, name))

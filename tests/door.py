@@ -102,6 +102,12 @@ class Events:
     def fill_taken_over(self, origin: Origin) -> None:
         pass
 
+    def fill_began(self, origin: Origin) -> None:
+        pass
+
+    def fill_ended(self, origin: Origin) -> None:
+        pass
+
 
 @dataclass
 class Received:

@@ -86,6 +86,7 @@ class Filler:
         return fill
 
     async def _run(self, fill: Fill, plan: FillPlan) -> None:
+        self._events.fill_began(plan.origin)
         try:
             # A blob committed (by another scope) between the caller's lookup and now is not fetched
             # again, but the upstream still decides whether this scope may read it.
@@ -106,6 +107,7 @@ class Filler:
         finally:
             self._inflight.pop(fill.key, None)
             fill.writer.release()
+            self._events.fill_ended(plan.origin)
 
     async def _coordinate(self, fill: Fill, plan: FillPlan) -> None:
         """Fetch the key ourselves if we hold its lease, else follow the holder until it commits,
