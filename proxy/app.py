@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import httpx
+import urllib3
 from starlette.applications import Starlette
 from starlette.types import ASGIApp
 
@@ -29,16 +30,17 @@ from proxy.store.index import Index, make_engine
 from proxy.store.janitor import Janitor, Policy, PurgeResult
 from proxy.store.pools import Pools, PoolSizes
 from proxy.store.store import Store
+from proxy.upstreams import UpstreamHealth
 
 log = logging.getLogger(__name__)
 
 USER_AGENT = f"pullthrough/{__version__}"
 
 
-def upstream_http_client() -> httpx.AsyncClient:
+def upstream_http_client(timeout: float = 60.0) -> httpx.AsyncClient:
     """One pooled client for every upstream; redirects are followed per request."""
     return httpx.AsyncClient(
-        timeout=httpx.Timeout(connect=10.0, read=60.0, write=60.0, pool=30.0),
+        timeout=httpx.Timeout(connect=min(10.0, timeout), read=timeout, write=timeout, pool=30.0),
         limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
         headers={"User-Agent": USER_AGENT},
         trust_env=True,
@@ -78,9 +80,11 @@ class Runtime:
             settings.cache_dir, index, node=settings.node_name, events=traffic, pools=pools,
             lease_seconds=settings.fill_lease, follow_streams=settings.follow_fills == "stream",
         )
-        http = upstream_http_client()
-        blob_transport = BlobTransport(user_agent=USER_AGENT, executor=pools.fills)
-        sources = build_sources(settings, store, http, blob_transport)
+        http = upstream_http_client(settings.upstream_timeout)
+        timeout = urllib3.Timeout(connect=min(10.0, settings.upstream_timeout), read=settings.upstream_timeout)
+        blob_transport = BlobTransport(user_agent=USER_AGENT, executor=pools.fills, timeout=timeout)
+        health = UpstreamHealth(traffic.registry)  # pullthrough_upstream_* beside the traffic metrics
+        sources = build_sources(settings, store, http, blob_transport, health)
         return cls(
             settings, index, traffic, store, Janitor(store.files, index, purge_policy(settings)), http, blob_transport,
             sources, ResourceSets(settings.resource_sets, store, sources),

@@ -59,7 +59,7 @@ def serve(config_file: str | None, cache_dir: str | None, database_url: str | No
     from proxy.serving import ServeError, run_server
 
     settings = _settings(config_file, cache_dir=cache_dir, database_url=database_url, listen=listen)
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     try:
         run_server(settings)
     except ServeError as exc:
@@ -80,7 +80,7 @@ def db_upgrade(config_file: str | None, cache_dir: str | None, database_url: str
     from proxy.migrate import upgrade
 
     settings = _settings(config_file, cache_dir=cache_dir, database_url=database_url)
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     settings.cache_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings.effective_database_url, revision)
     click.echo(f"index at {revision}")

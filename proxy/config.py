@@ -274,6 +274,7 @@ class Settings(BaseSettings):
     public_stats: bool = True  # /stats, /metrics and the dashboard readable without the admin token
     log_level: str = "info"
     access_log: bool = False
+    log_format: Literal["text", "json"] = "text"  # json: one object per line (time, level, logger, message, fields)
     registries: list[RegistryConfig] = Field(default_factory=_default_registries)
     hf: HfConfig = Field(default_factory=HfConfig)
     s3: S3Config = Field(default_factory=S3Config)
@@ -292,6 +293,7 @@ class Settings(BaseSettings):
     header_timeout: Duration = 10.0  # a request's head must arrive whole within this
     keep_alive_timeout: Duration = 5.0  # an idle keep-alive connection is closed after this
     send_timeout: Duration = 60.0  # a client that takes no byte of a body for this long is dropped
+    upstream_timeout: Duration = Field(default=60.0, gt=0)  # an upstream silent this long fails the attempt (connect: at most 10 s)
     max_headers: int = Field(default=100, ge=8, le=10_000)
     max_head_size: Size = 64 * 1024  # request line and headers together
     # -- the store's worker threads, one bounded pool per kind of work ------------------------------

@@ -6,29 +6,90 @@ Redirects are followed by hand so that credentials never reach another origin (a
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import functools
 import http.client
+import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from typing import TypeVar
 from urllib.parse import urljoin, urlsplit
 
 import urllib3
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
+from tenacity.wait import wait_base
 
 T = TypeVar("T")
 
 TIMEOUT = urllib3.Timeout(connect=10.0, read=60.0)
-# Idempotent upstream requests are tried again this often on a connection error or one of these
-# statuses, after a short pause: enough to ride out a restart, short enough that a client's own
+# Idempotent upstream requests are tried this often in all on a connection error or one of these
+# statuses, after a short pause with jitter (0.2 s, then 1 s, each plus up to 0.3 s, so that a fleet
+# does not come back in step): enough to ride out a restart, short enough that a client's own
 # timeout does not fire first.
-RETRIES = 2
+ATTEMPTS = 3
 RETRY_STATUSES = frozenset({502, 503, 504})
-_BACKOFF = (0.2, 1.0)
+# A Retry-After up to this long is waited for (a 429 is retried only when it says how long to wait);
+# a longer one is not retried: the client gets the answer at once and may wait itself.
+MAX_RETRY_AFTER = 10.0
+BACKOFF = wait_exponential_jitter(multiplier=0.2, exp_base=5, max=2.0, jitter=0.3)
 
 
-async def retry_pause(attempt: int) -> None:
-    await asyncio.sleep(_BACKOFF[min(attempt, len(_BACKOFF) - 1)])
+class RetryableAnswer(Exception):
+    """An upstream answer worth asking again for; the last one is raised once the attempts are spent."""
+
+    def __init__(self, status: int, retry_after: float | None, content: bytes = b"", response: object = None) -> None:
+        super().__init__(f"upstream answered {status}")
+        self.status = status
+        self.retry_after = retry_after
+        self.content = content
+        self.response = response
+
+
+def retry_after(headers: Mapping[str, str]) -> float | None:
+    """Retry-After in seconds (delta-seconds or an HTTP date), None when absent or unreadable."""
+    value = (headers.get("retry-after") or headers.get("Retry-After") or "").strip()
+    if not value:
+        return None
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def check_retryable(status: int, headers: Mapping[str, str], content: bytes = b"", response: object = None) -> None:
+    """RetryableAnswer for a 502/503/504, or a 429 naming its wait, unless the wait named is too long."""
+    after = retry_after(headers)
+    if after is not None and after > MAX_RETRY_AFTER:
+        return
+    if status in RETRY_STATUSES or (status == 429 and after is not None):
+        raise RetryableAnswer(status, after, content, response)
+
+
+class WaitRetryAfter(wait_base):
+    """The backoff, or the upstream's Retry-After when that is longer (it is capped by check_retryable)."""
+
+    def __init__(self, backoff: wait_base = BACKOFF) -> None:
+        self._backoff = backoff
+
+    def __call__(self, retry_state: RetryCallState) -> float:
+        pause = self._backoff(retry_state)
+        error = retry_state.outcome.exception() if retry_state.outcome is not None else None
+        if isinstance(error, RetryableAnswer) and error.retry_after is not None:
+            return max(pause, min(error.retry_after, MAX_RETRY_AFTER))
+        return pause
+
+
+def retrying(*errors: type[BaseException], attempts: int = ATTEMPTS) -> AsyncRetrying:
+    """Attempts of one idempotent request: `async for attempt in retrying(...): with attempt: ...`.
+    Retried on RetryableAnswer and on `errors`; the last failure is raised as it was."""
+    return AsyncRetrying(
+        stop=stop_after_attempt(attempts), wait=WaitRetryAfter(),
+        retry=retry_if_exception_type((RetryableAnswer, *errors)), reraise=True,
+    )
 
 
 class TransferFailed(Exception):
@@ -106,8 +167,9 @@ class BlobTransport:
 
     MAX_REDIRECTS = 5
 
-    def __init__(self, user_agent: str, executor: Executor | None = None) -> None:
+    def __init__(self, user_agent: str, executor: Executor | None = None, timeout: urllib3.Timeout = TIMEOUT) -> None:
         self._user_agent = user_agent
+        self._timeout = timeout
         self._executor = executor
         self._direct = urllib3.PoolManager(num_pools=64, maxsize=16, retries=False)
         self._proxies: dict[str, urllib3.ProxyManager] = {}
@@ -129,6 +191,7 @@ class BlobTransport:
         try:
             return self._get(url, authorization, admit)
         except (urllib3.exceptions.HTTPError, OSError) as exc:
+            # __context__ keeps the cause for proxy/upstreams.py; tracebacks stay short.
             raise TransferFailed(f"{type(exc).__name__}") from None
 
     def _get(self, url: str, authorization: str | None, admit: Admit | None) -> urllib3.BaseHTTPResponse:
@@ -137,7 +200,7 @@ class BlobTransport:
             headers["Authorization"] = authorization
         for _ in range(self.MAX_REDIRECTS + 1):
             response = self._pool_for(url).urlopen(
-                "GET", url, headers=headers, redirect=False, preload_content=False, timeout=TIMEOUT
+                "GET", url, headers=headers, redirect=False, preload_content=False, timeout=self._timeout
             )
             location = response.get_redirect_location()
             if not location:

@@ -18,6 +18,7 @@ from proxy.http.download import BlobTransport
 from proxy.resources import Fetched, Resource, ResourceError, ResourceKind
 from proxy.store.janitor import TtlRule
 from proxy.store.store import Store
+from proxy.upstreams import UpstreamHealth
 
 
 class Source(Protocol):
@@ -25,7 +26,9 @@ class Source(Protocol):
     resource_kinds: tuple[ResourceKind, ...]  # which resource strings it prefetches
     expiring_references: tuple[str, ...]  # reference namespaces the janitor removes once expired
 
-    def __init__(self, settings: Settings, store: Store, http: httpx.AsyncClient, blobs: BlobTransport) -> None: ...
+    def __init__(
+        self, settings: Settings, store: Store, http: httpx.AsyncClient, blobs: BlobTransport, health: UpstreamHealth
+    ) -> None: ...
 
     def routes(self) -> list[BaseRoute]: ...
 
@@ -86,5 +89,7 @@ def expiring_references() -> tuple[str, ...]:
     return tuple(name for cls in source_classes() for name in cls.expiring_references)
 
 
-def build_sources(settings: Settings, store: Store, http: httpx.AsyncClient, blobs: BlobTransport) -> Sources:
-    return Sources([cls(settings, store, http, blobs) for cls in source_classes()])
+def build_sources(
+    settings: Settings, store: Store, http: httpx.AsyncClient, blobs: BlobTransport, health: UpstreamHealth
+) -> Sources:
+    return Sources([cls(settings, store, http, blobs, health) for cls in source_classes()])

@@ -25,6 +25,7 @@ from proxy.sources.hf.upstream import HubClient
 from proxy.store.janitor import TtlRule
 from proxy.store.records import Reference
 from proxy.store.store import Store
+from proxy.upstreams import UpstreamHealth
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +38,13 @@ class HfMirror:
     resource_kinds: tuple[ResourceKind, ...] = ("hf",)
     expiring_references: tuple[str, ...] = (MISSING,)
 
-    def __init__(self, settings: Settings, store: Store, http: httpx.AsyncClient, blobs: BlobTransport) -> None:
+    def __init__(
+        self, settings: Settings, store: Store, http: httpx.AsyncClient, blobs: BlobTransport, health: UpstreamHealth
+    ) -> None:
         config = settings.hf
         self.config = config
         self._store = store
-        self.client = HubClient(config, http, blobs)
+        self.client = HubClient(config, http, blobs, health)
         self.access = AccessGuard(config, self.client, store)
         self.files = FileService(config, self.client, store, self.access)
         self.api = ApiService(config, self.client, store, self.access, self.files)

@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from urllib.parse import urlsplit
 
 import httpx
+import urllib3
 
 from proxy.config import HfConfig
-from proxy.http.download import RETRIES, RETRY_STATUSES, BlobDownload, BlobTransport, TransferFailed, retry_pause
+from proxy.http.download import (
+    ATTEMPTS, BlobDownload, BlobTransport, RetryableAnswer, TransferFailed, check_retryable, retrying,
+)
 from proxy.http.bounded import TooLarge, send_bounded
 from proxy.sources.hf.errors import HfError, HubUnavailable, UpstreamHfError
 from proxy.sources.hf.names import Repo, quote_path, quote_revision
+from proxy.upstreams import Failure, UpstreamHealth, classify, status_failure
 
 MAX_REDIRECTS = 5
 MAX_ANSWER = 32 * 1024 * 1024  # an API answer (a tree page, a paths-info) is held whole: at most this
@@ -31,20 +36,37 @@ def bearer(token: str | None) -> dict[str, str]:
 class HubClient:
     """Requests to the Hub on behalf of callers."""
 
-    def __init__(self, config: HfConfig, http: httpx.AsyncClient, blobs: BlobTransport) -> None:
+    def __init__(
+        self, config: HfConfig, http: httpx.AsyncClient, blobs: BlobTransport, health: UpstreamHealth | None = None
+    ) -> None:
         self.config = config
         self.base_url = config.base_url
         self._http = http
         self._blobs = blobs
         self._down_until = 0.0
+        self._health = health or UpstreamHealth()
+        self.upstream = f"hf:{urlsplit(config.base_url).netloc}"  # its name in metrics and log lines
+        self._health.watch(self.upstream)
 
     def _check_outage(self) -> None:
         if time.monotonic() < self._down_until:
             raise HubUnavailable("the Hub was unreachable moments ago")
 
-    def _outage(self, message: str) -> HubUnavailable:
+    def _outage(self, failure: Failure) -> HubUnavailable:
+        """The attempts are spent: the Hub is down, and the client learns why."""
+        self._health.down(self.upstream, failure)
         self._down_until = time.monotonic() + OUTAGE_SECONDS
-        return HubUnavailable(message)
+        if failure.kind.startswith("http_"):
+            return HubUnavailable(f"the Hub {failure.cause}")
+        return HubUnavailable(f"the Hub is unreachable: {failure.summary}")
+
+    def _count_retryable(self, status: int, headers: Mapping[str, str], content: bytes = b"", response: object = None) -> None:
+        """RetryableAnswer (counted as a failed attempt) for an answer worth asking again for."""
+        try:
+            check_retryable(status, headers, content, response)
+        except RetryableAnswer:
+            self._health.failed(self.upstream, status_failure(status) or Failure("other", str(status)))
+            raise
 
     def resolve_url(self, repo: Repo, revision: str, path: str) -> str:
         return f"{self.base_url}/{repo.url_prefix}{repo.id}/resolve/{quote_revision(revision)}/{quote_path(path)}"
@@ -69,24 +91,44 @@ class HubClient:
         url = self.resolve_url(repo, commit, path)
         authorization = f"Bearer {token}" if token else None
         self._check_outage()
-        for attempt in range(RETRIES + 1):
-            try:
-                response = await self._blobs.open(url, authorization)
-            except TransferFailed as exc:
-                if attempt < RETRIES:
-                    await retry_pause(attempt)
-                    continue
-                raise self._outage(f"the Hub is unreachable: {exc}") from None
-            if 200 <= response.status < 300:
-                return BlobDownload(response)
-            body = await self._blobs.drain(response)
-            if response.status in RETRY_STATUSES and attempt < RETRIES:
-                await retry_pause(attempt)
-                continue
+        try:
+            async for attempt in retrying(TransferFailed):
+                with attempt:
+                    response, body = await self._open(url, authorization)
+        except TransferFailed as exc:
+            raise self._outage(classify(exc)) from None
+        except RetryableAnswer as answer:  # counted already
+            response, body = answer.response, answer.content
+        else:
+            self._health.status(self.upstream, response.status)
+        assert isinstance(response, urllib3.BaseHTTPResponse)
+        if 200 <= response.status < 300:
+            return BlobDownload(response)
+        failure = status_failure(response.status)
+        if failure is not None:
+            self._health.down(self.upstream, failure)
             if response.status >= 500:
-                raise self._outage(f"the Hub answered {response.status}")
-            raise UpstreamHfError(response.status, dict(response.headers), body)
-        raise HubUnavailable("the Hub kept failing")
+                raise self._outage(failure)
+        raise UpstreamHfError(response.status, dict(response.headers), body)
+
+    async def _open(self, url: str, authorization: str | None) -> tuple[urllib3.BaseHTTPResponse, bytes]:
+        try:
+            response = await self._blobs.open(url, authorization)
+        except TransferFailed as exc:
+            self._health.failed(self.upstream, classify(exc))
+            raise
+        if 200 <= response.status < 300:
+            return response, b""
+        body = await self._blobs.drain(response)
+        self._count_retryable(response.status, response.headers, body, response)
+        return response, body
+
+    def _rejected(self, status: int, response: object) -> HubUnavailable:
+        """A final 5xx or 429 (already counted): an outage, or a rate limit that is no outage."""
+        if status == 429:
+            self._health.down(self.upstream, Failure("http_429", "answered 429"))
+            return HubUnavailable("the Hub is rate-limiting")
+        return self._outage(status_failure(status) or Failure("other", str(status)))
 
     async def api(
         self,
@@ -117,24 +159,38 @@ class HubClient:
     ) -> httpx.Response:
         idempotent = method in ("GET", "HEAD")
         self._check_outage()
-        for attempt in range(RETRIES + 1):
-            try:
-                request = self._http.build_request(method, url, headers=headers, params=params, content=content)
-                response = await send_bounded(self._http, request, MAX_ANSWER, follow_redirects=follow)
-            except TooLarge:
-                raise HfError(502, f"the Hub's answer is larger than {MAX_ANSWER} bytes: not held by the mirror") from None
-            except httpx.TransportError as exc:
-                if idempotent and attempt < RETRIES:
-                    await retry_pause(attempt)
-                    continue
-                raise self._outage(f"the Hub is unreachable: {type(exc).__name__}") from None
-            if response.status_code in RETRY_STATUSES and idempotent and attempt < RETRIES:
-                await retry_pause(attempt)
-                continue
-            if response.status_code >= 500:
-                raise self._outage(f"the Hub answered {response.status_code}")
-            if response.status_code == 429:
-                raise HubUnavailable("the Hub is rate-limiting")
-            self._down_until = 0.0
-            return response
-        raise HubUnavailable("the Hub kept failing")
+        try:
+            async for attempt in retrying(httpx.TransportError, attempts=ATTEMPTS if idempotent else 1):
+                with attempt:
+                    response = await self._send_once(method, url, headers, params, content, follow)
+        except httpx.TransportError as exc:
+            raise self._outage(classify(exc)) from None
+        except RetryableAnswer as answer:
+            raise self._rejected(answer.status, answer.response) from None
+        failure = status_failure(response.status_code)
+        if failure is not None:
+            self._health.failed(self.upstream, failure)
+            raise self._rejected(response.status_code, response)
+        self._health.answered(self.upstream)
+        self._down_until = 0.0
+        return response
+
+    async def _send_once(
+        self,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        params: Mapping[str, str] | list[tuple[str, str]] | None,
+        content: bytes | None,
+        follow: bool,
+    ) -> httpx.Response:
+        try:
+            request = self._http.build_request(method, url, headers=headers, params=params, content=content)
+            response = await send_bounded(self._http, request, MAX_ANSWER, follow_redirects=follow)
+        except TooLarge:
+            raise HfError(502, f"the Hub's answer is larger than {MAX_ANSWER} bytes: not held by the mirror") from None
+        except httpx.TransportError as exc:
+            self._health.failed(self.upstream, classify(exc))
+            raise
+        self._count_retryable(response.status_code, response.headers, response=response)
+        return response

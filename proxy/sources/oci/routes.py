@@ -24,6 +24,7 @@ from proxy.sources.oci.upstream import BlobTransport, RegistryClient
 from proxy.store.digest import Digest
 from proxy.store.janitor import TtlRule
 from proxy.store.store import Store
+from proxy.upstreams import UpstreamHealth
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +38,11 @@ class OciMirror:
     resource_kinds: tuple[ResourceKind, ...] = ("image",)
     expiring_references: tuple[str, ...] = ()
 
-    def __init__(self, settings: Settings, store: Store, http: httpx.AsyncClient, blobs: BlobTransport) -> None:
+    def __init__(
+        self, settings: Settings, store: Store, http: httpx.AsyncClient, blobs: BlobTransport, health: UpstreamHealth
+    ) -> None:
         self.router = Router(settings.registries)
-        self.clients = {r.name: RegistryClient(r, http, blobs) for r in settings.registries}
+        self.clients = {r.name: RegistryClient(r, http, blobs, health) for r in settings.registries}
         self.manifests = ManifestService(store, self.clients)
         self.blobs = BlobService(store, self.clients)
         self.hot = HotManifests(store.small_objects)  # answers repeated manifest GETs before routing (hot.py)

@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import httpx
+import urllib3
 
 from proxy.config import RegistryConfig
 from proxy.http.bounded import TooLarge, send_bounded
-from proxy.http.download import RETRIES, RETRY_STATUSES, BlobDownload, BlobTransport, TransferFailed, retry_pause
+from proxy.http.download import BlobDownload, BlobTransport, RetryableAnswer, TransferFailed, check_retryable, retrying
 from proxy.sources.oci.errors import (
     BY_CODE,
     BlobUnknown,
@@ -32,6 +33,7 @@ from proxy.sources.oci.errors import (
     UpstreamError,
     UpstreamUnavailable,
 )
+from proxy.upstreams import UpstreamHealth, classify, status_failure
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +95,15 @@ class TokenCache:
 class RegistryClient:
     """Requests to one upstream registry on behalf of the mirror."""
 
-    def __init__(self, registry: RegistryConfig, http: httpx.AsyncClient, blobs: BlobTransport) -> None:
+    def __init__(
+        self, registry: RegistryConfig, http: httpx.AsyncClient, blobs: BlobTransport, health: UpstreamHealth | None = None
+    ) -> None:
         self.registry = registry
         self._http = http
         self._blobs = blobs
+        self._health = health or UpstreamHealth()
+        self.upstream = f"oci:{registry.name}"  # its name in metrics and log lines
+        self._health.watch(self.upstream)
         self._tokens = TokenCache()
         self._challenge: Challenge | None = None
         self.ratelimit_remaining: str | None = None
@@ -115,31 +122,44 @@ class RegistryClient:
         """The blob's body, open: the same auth, retries and errors as every other request."""
         url = f"{self.registry.base_url}/v2/{repository}/blobs/{digest}"
         scope = f"repository:{repository}:pull"
-        refreshed = False
-        for attempt in range(RETRIES + 1):
-            auth, from_cache = await self._authorization(scope)
-            try:
-                response = await self._blobs.open(url, auth)
-            except TransferFailed as exc:
-                if attempt < RETRIES:
-                    await retry_pause(attempt)
-                    continue
-                raise UpstreamUnavailable(f"{self.registry.name} unreachable: {exc}") from None
-            self._note_ratelimit(response.headers)
-            if 200 <= response.status < 300:
-                return BlobDownload(response)
-            content = await self._blobs.drain(response)
-            if response.status == 401 and not refreshed:
-                challenge = parse_challenge(response.headers.get("www-authenticate", ""))
-                if challenge is not None and (challenge != self._challenge or auth is None or from_cache):
-                    self._learn_challenge(challenge, scope, from_cache)
-                    refreshed = True
-                    continue
-            if response.status in RETRY_STATUSES and attempt < RETRIES:
-                await retry_pause(attempt)
-                continue
-            raise self._error_from(response.status, content, BlobUnknown)
-        raise UpstreamUnavailable(f"{self.registry.name} kept failing")
+        try:
+            async for attempt in retrying(TransferFailed):
+                with attempt:
+                    response, content = await self._open_authorized(url, scope)
+        except TransferFailed as exc:
+            raise self._unreachable(exc) from None
+        except RetryableAnswer as answer:
+            raise self._gave_up(answer, answer.content, BlobUnknown) from None
+        self._health.status(self.upstream, response.status)
+        if 200 <= response.status < 300:
+            return BlobDownload(response)
+        raise self._error_from(response.status, content, BlobUnknown)
+
+    async def _open_authorized(self, url: str, scope: str) -> tuple[urllib3.BaseHTTPResponse, bytes]:
+        auth, from_cache = await self._authorization(scope)
+        response, content = await self._open(url, auth)
+        if response.status != 401:
+            return response, content
+        challenge = parse_challenge(response.headers.get("www-authenticate", ""))
+        if challenge is None or (challenge == self._challenge and auth is not None and not from_cache):
+            return response, content  # credentials fetched just now were refused: they are not enough
+        self._learn_challenge(challenge, scope, from_cache)
+        auth, _ = await self._authorization(scope)
+        return await self._open(url, auth)
+
+    async def _open(self, url: str, auth: str | None) -> tuple[urllib3.BaseHTTPResponse, bytes]:
+        """One GET of a blob: the response, body unread when it succeeded, else read (at most 64 KiB)."""
+        try:
+            response = await self._blobs.open(url, auth)
+        except TransferFailed as exc:
+            self._health.failed(self.upstream, classify(exc))
+            raise
+        self._note_ratelimit(response.headers)
+        if 200 <= response.status < 300:
+            return response, b""
+        content = await self._blobs.drain(response)
+        self._check_retryable(response.status, response.headers, content)
+        return response, content
 
     async def get_tags(self, repository: str, params: dict[str, str]) -> httpx.Response:
         return await self._request("GET", repository, "tags/list", params=params, missing=ManifestUnknown)
@@ -158,22 +178,42 @@ class RegistryClient:
         url = f"{self.registry.base_url}/v2/{repository}/{path}"
         scope = f"repository:{repository}:pull"
         headers = {"Accept": ", ".join(accept)} if accept else {}
-        for attempt in range(RETRIES + 1):
-            try:
-                response = await self._send_authorized(method, url, headers, params, scope)
-            except httpx.TransportError as exc:
-                if attempt < RETRIES:
-                    await retry_pause(attempt)
-                    continue
-                raise UpstreamUnavailable(f"{self.registry.name} unreachable: {type(exc).__name__}") from None
-            self._note_ratelimit(response.headers)
-            if response.status_code in RETRY_STATUSES and attempt < RETRIES:
-                await retry_pause(attempt)
-                continue
-            if response.is_success:
-                return response
-            raise self._error_from(response.status_code, b"" if method == "HEAD" else response.content, missing)
-        raise AssertionError("unreachable")
+        try:
+            async for attempt in retrying(httpx.TransportError):
+                with attempt:
+                    response = await self._send_authorized(method, url, headers, params, scope)
+                    self._note_ratelimit(response.headers)
+                    self._check_retryable(response.status_code, response.headers, response.content)
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from None
+        except RetryableAnswer as answer:
+            raise self._gave_up(answer, b"" if method == "HEAD" else answer.content, missing) from None
+        self._health.status(self.upstream, response.status_code)
+        if response.is_success:
+            return response
+        raise self._error_from(response.status_code, b"" if method == "HEAD" else response.content, missing)
+
+    def _check_retryable(self, status: int, headers: Mapping[str, str], content: bytes) -> None:
+        """RetryableAnswer (counted as a failed attempt) for an answer worth asking again for."""
+        try:
+            check_retryable(status, headers, content)
+        except RetryableAnswer as answer:
+            failure = status_failure(answer.status)
+            assert failure is not None  # only 5xx and 429 are retried
+            self._health.failed(self.upstream, failure)
+            raise
+
+    def _unreachable(self, exc: BaseException, what: str = "") -> UpstreamUnavailable:
+        """The attempts are spent: the upstream is down, and the client learns why."""
+        failure = classify(exc)
+        self._health.down(self.upstream, failure)
+        return UpstreamUnavailable(f"{what}{self.registry.name} unreachable: {failure.summary}")
+
+    def _gave_up(self, answer: RetryableAnswer, content: bytes, missing: type[OciError]) -> OciError:
+        failure = status_failure(answer.status)
+        if failure is not None:
+            self._health.down(self.upstream, failure)
+        return self._error_from(answer.status, content, missing)
 
     async def _send_authorized(
         self, method: str, url: str, headers: dict[str, str], params: dict[str, str] | None, scope: str
@@ -199,6 +239,9 @@ class RegistryClient:
         # httpx drops Authorization when a redirect leaves the origin (a CDN), as it must.
         try:
             return await send_bounded(self._http, request, MAX_ANSWER, follow_redirects=True)
+        except httpx.TransportError as exc:
+            self._health.failed(self.upstream, classify(exc))
+            raise
         except TooLarge:
             raise UpstreamError(502, "UNKNOWN", f"{self.registry.name} answered with more than {MAX_ANSWER} bytes") from None
 
@@ -236,7 +279,9 @@ class RegistryClient:
                 challenge.realm, params=params, auth=httpx.BasicAuth(*credentials) if credentials else None
             )
         except httpx.TransportError as exc:
-            raise UpstreamUnavailable(f"token service of {self.registry.name} unreachable: {type(exc).__name__}") from None
+            self._health.failed(self.upstream, classify(exc))
+            raise self._unreachable(exc, what="token service of ") from None
+        self._health.status(self.upstream, response.status_code)
         if response.status_code in (401, 403):
             raise Unauthorized(f"{self.registry.name} refused the configured credentials")
         if not response.is_success:

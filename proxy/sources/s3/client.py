@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import aioboto3
 import botocore.exceptions
@@ -16,6 +17,7 @@ from botocore.config import Config
 
 from proxy.config import S3Bucket, S3Config
 from proxy.sources.objects import ObjectError, Unreachable
+from proxy.upstreams import UpstreamHealth, classify, status_failure
 
 MAX_LISTED = 100_000  # a listing is held whole (and cached): a model's folder, not a bucket of millions
 _CLIENT_CONFIG = Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=10, read_timeout=60)
@@ -42,8 +44,11 @@ class S3Body:
 class S3Clients:
     """Long-lived clients per bucket (a client per request would cost a TLS handshake each)."""
 
-    def __init__(self, config: S3Config) -> None:
+    def __init__(self, config: S3Config, health: UpstreamHealth | None = None) -> None:
         self._config = config
+        self._health = health or UpstreamHealth()
+        for bucket in config.buckets:
+            self._health.watch(self.upstream(bucket))
         self._session = aioboto3.Session()
         self._stack = contextlib.AsyncExitStack()
         self._clients: dict[str, Any] = {}
@@ -57,21 +62,48 @@ class S3Clients:
     async def aclose(self) -> None:
         await self._stack.aclose()
 
+    def upstream(self, bucket: S3Bucket) -> str:
+        """The bucket's endpoint as metrics and log lines name it: "s3:minio.local:9000", "s3:aws"."""
+        endpoint = bucket.endpoint_url or self._config.endpoint_url
+        return f"s3:{urlsplit(endpoint).netloc.rpartition('@')[2] if endpoint else 'aws'}"
+
+    @contextlib.contextmanager
+    def _errors(self, bucket: S3Bucket, key: str) -> Any:
+        """botocore's errors as the mirror's, and the endpoint's health (botocore retried already)."""
+        upstream = self.upstream(bucket)
+        try:
+            yield
+        except botocore.exceptions.ClientError as exc:
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 502))
+            failure = status_failure(status)
+            if failure is None:
+                self._health.answered(upstream)
+            else:
+                self._health.gave_up(upstream, failure)
+            raise _client_error(exc, status, bucket.name, key) from None
+        except (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectTimeoutError,
+                botocore.exceptions.ReadTimeoutError, botocore.exceptions.SSLError,
+                botocore.exceptions.ConnectionClosedError, OSError) as exc:
+            failure = self._health.gave_up(upstream, classify(exc))
+            raise Unreachable(f"the S3 endpoint is unreachable: {failure.summary}") from None
+        else:
+            self._health.answered(upstream)
+
     async def head(self, bucket: S3Bucket, key: str) -> dict[str, Any]:
         client = await self.client(bucket)
-        with _errors(bucket.name, key):
+        with self._errors(bucket, key):
             return await client.head_object(Bucket=bucket.name, Key=key)
 
     async def get(self, bucket: S3Bucket, key: str, etag: str) -> S3Body:
         """The object's body, only if it is still the version `etag` names (parts never mix versions)."""
         client = await self.client(bucket)
-        with _errors(bucket.name, key):
+        with self._errors(bucket, key):
             return S3Body(await client.get_object(Bucket=bucket.name, Key=key, IfMatch=etag))
 
     async def list(self, bucket: S3Bucket, prefix: str) -> list[dict[str, Any]]:
         client = await self.client(bucket)
         objects: list[dict[str, Any]] = []
-        with _errors(bucket.name, prefix):
+        with self._errors(bucket, prefix):
             paginator = client.get_paginator("list_objects_v2")
             async for page in paginator.paginate(Bucket=bucket.name, Prefix=prefix):
                 for item in page.get("Contents", []):
@@ -84,23 +116,14 @@ class S3Clients:
         return objects
 
 
-@contextlib.contextmanager
-def _errors(bucket: str, key: str) -> Any:
-    try:
-        yield
-    except botocore.exceptions.ClientError as exc:
-        error = exc.response.get("Error", {})
-        code = str(error.get("Code", "Error"))
-        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 502))
-        if status in (404,) or code in ("NoSuchKey", "NotFound", "404"):
-            raise ObjectError(404, "NoSuchKey", f"s3://{bucket}/{key} does not exist") from None
-        if status == 412:
-            raise ObjectError(409, "VersionChanged", f"s3://{bucket}/{key} changed while it was being fetched") from None
-        if status in (401, 403):
-            raise ObjectError(403, "AccessDenied", f"the endpoint refused access to s3://{bucket}/{key}") from None
-        if status >= 500:
-            raise Unreachable(f"the S3 endpoint answered {status} for s3://{bucket}/{key}") from None
-        raise ObjectError(502, code, f"the S3 endpoint answered {status} {code}") from None
-    except (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectTimeoutError,
-            botocore.exceptions.ReadTimeoutError, OSError) as exc:
-        raise Unreachable(f"the S3 endpoint is unreachable: {type(exc).__name__}") from None
+def _client_error(exc: botocore.exceptions.ClientError, status: int, bucket: str, key: str) -> ObjectError:
+    code = str(exc.response.get("Error", {}).get("Code", "Error"))
+    if status in (404,) or code in ("NoSuchKey", "NotFound", "404"):
+        return ObjectError(404, "NoSuchKey", f"s3://{bucket}/{key} does not exist")
+    if status == 412:
+        return ObjectError(409, "VersionChanged", f"s3://{bucket}/{key} changed while it was being fetched")
+    if status in (401, 403):
+        return ObjectError(403, "AccessDenied", f"the endpoint refused access to s3://{bucket}/{key}")
+    if status >= 500:
+        return Unreachable(f"the S3 endpoint answered {status} for s3://{bucket}/{key}")
+    return ObjectError(502, code, f"the S3 endpoint answered {status} {code}")

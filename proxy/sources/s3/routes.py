@@ -30,6 +30,7 @@ from proxy.store.memo import SmallObject
 from proxy.store.records import Origin, ReadScope
 from proxy.store.small import Document
 from proxy.store.store import Store
+from proxy.upstreams import UpstreamHealth
 
 if TYPE_CHECKING:
     from proxy.sources.s3.client import S3Clients
@@ -46,14 +47,16 @@ class S3Mirror:
     resource_kinds: tuple[ResourceKind, ...] = ("s3",)
     expiring_references: tuple[str, ...] = ()
 
-    def __init__(self, settings: Settings, store: Store, http: httpx.AsyncClient, blobs: BlobTransport) -> None:
+    def __init__(
+        self, settings: Settings, store: Store, http: httpx.AsyncClient, blobs: BlobTransport, health: UpstreamHealth
+    ) -> None:
         config = settings.s3
         self.config = config
         self._clients: S3Clients | None = None
         if config.buckets:  # aioboto3 and botocore weigh about 25 MiB: loaded only for a configured [s3]
             from proxy.sources.s3.client import S3Clients
 
-            self._clients = S3Clients(config)
+            self._clients = S3Clients(config, health)
         self._store = store
         self._objects = ObjectMirror(store, SOURCE)
 

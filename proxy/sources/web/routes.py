@@ -30,6 +30,7 @@ from proxy.store.blobs import BlobFile
 from proxy.store.janitor import TtlRule
 from proxy.store.records import Origin, ReadScope
 from proxy.store.store import Store
+from proxy.upstreams import UpstreamHealth, classify
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +46,15 @@ class WebMirror:
     resource_kinds: tuple[ResourceKind, ...] = ("https", "ipfs")
     expiring_references: tuple[str, ...] = ()
 
-    def __init__(self, settings: Settings, store: Store, http: httpx.AsyncClient, blobs: BlobTransport) -> None:
+    def __init__(
+        self, settings: Settings, store: Store, http: httpx.AsyncClient, blobs: BlobTransport, health: UpstreamHealth
+    ) -> None:
         self.config = settings.web
         self._http = http
         self._blobs = blobs
+        self._health = health
+        for gateway in self.config.ipfs_gateways:
+            self._health.watch(f"ipfs:{_host(gateway)}")
         self._web = ObjectMirror(store, "web")
         self._ipfs = ObjectMirror(store, "ipfs")
 
@@ -126,8 +132,8 @@ class WebMirror:
         return self._admits(url.split("?", 1)[0])
 
     async def probe_url(self, url: str) -> Version:
-        host = urlsplit(url).netloc
-        response = await self._head(url, self._admits_hop, host)
+        host = _host(url)
+        response = await self._head(url, self._admits_hop, host, f"web:{host}")
         if response.status_code == 404:
             raise ObjectError(404, "NotFound", f"{url.split('?', 1)[0][:200]} does not exist upstream")
         if response.status_code >= 500:
@@ -143,20 +149,23 @@ class WebMirror:
         return Version(
             tag=etag or modified or f"unvalidated@{time.time()}",  # no validator: fetched again after the TTL
             size=int(length) if length and length.isdigit() else None,
-            opener=lambda: self._open(url, self._admits_hop),
+            opener=lambda: self._open(url, self._admits_hop, f"web:{host}"),
             headers=headers,
             content_type=response.headers.get("content-type", "application/octet-stream"),
         )
 
-    async def _head(self, url: str, admit: Admit, host: str) -> httpx.Response:
-        """HEAD, following redirects by hand: every hop must pass `admit`."""
+    async def _head(self, url: str, admit: Admit, host: str, upstream: str) -> httpx.Response:
+        """HEAD, following redirects by hand: every hop must pass `admit`. Not retried: a cached
+        version is served while the origin is down, and an IPFS gateway has others after it."""
         for _ in range(MAX_REDIRECTS + 1):
             try:
                 response = await self._http.head(url, follow_redirects=False, headers={"Accept-Encoding": "identity"})
             except httpx.TransportError as exc:
-                raise Unreachable(f"{host} is unreachable: {type(exc).__name__}") from None
+                failure = self._health.gave_up(upstream, classify(exc))
+                raise Unreachable(f"{host} is unreachable: {failure.summary}") from None
             location = response.headers.get("location")
             if not response.is_redirect or not location:
+                self._health.status(upstream, response.status_code)
                 return response
             target = urljoin(url, location)
             if not admit(target):
@@ -164,14 +173,16 @@ class WebMirror:
             url = target
         raise Unreachable(f"{host} redirected too many times")
 
-    async def _open(self, url: str, admit: Admit) -> BlobDownload:
-        host = urlsplit(url).netloc
+    async def _open(self, url: str, admit: Admit, upstream: str) -> BlobDownload:
+        host = _host(url)
         try:
             response = await self._blobs.open(url, None, admit=admit)
         except TransferFailed as exc:
-            raise Unreachable(f"{host} is unreachable: {exc}") from None
+            failure = self._health.gave_up(upstream, classify(exc))
+            raise Unreachable(f"{host} is unreachable: {failure.summary}") from None
         except RedirectRefused:
             raise ObjectError(502, "RedirectRefused", f"{host} redirected outside what this mirror fetches") from None
+        self._health.status(upstream, response.status)
         if not 200 <= response.status < 300:
             await self._blobs.drain(response)
             raise Unreachable(f"{host} answered {response.status}")
@@ -195,6 +206,8 @@ class WebMirror:
     def ipfs_key(self, raw: str) -> str:
         """The cache's name for {cid}/{path} (as the request encoded it): CIDv1 in base32, so v0 and
         v1 are one entry, and the path's segments decoded once and checked."""
+        if not self.config.ipfs_gateways:  # checked first: without gateways the ipfs extra may be absent
+            raise ObjectError(503, "NoGateway", "no IPFS gateways are configured ([web] ipfs_gateways)")
         from multiformats import CID  # loaded with the first IPFS request, not by every server
 
         raw_cid, *raw_path_segments = raw.split("/")
@@ -216,8 +229,9 @@ class WebMirror:
         failures = []
         for gateway in self.config.ipfs_gateways:
             url = f"{gateway.rstrip('/')}/ipfs/{quote_segments(key.split('/'))}"
+            upstream = f"ipfs:{_host(gateway)}"
             try:
-                response = await self._head(url, self._under_a_gateway, urlsplit(gateway).netloc)
+                response = await self._head(url, self._under_a_gateway, _host(gateway), upstream)
             except Unreachable as exc:
                 failures.append(f"{gateway}: {exc.message}")
                 continue
@@ -225,7 +239,7 @@ class WebMirror:
                 length = response.headers.get("content-length")
                 return Version(
                     tag=key, size=int(length) if length and length.isdigit() else None,
-                    opener=lambda url=url: self._open(url, self._under_a_gateway),
+                    opener=lambda url=url, upstream=upstream: self._open(url, self._under_a_gateway, upstream),
                     headers={"ETag": f'"{key}"', "Cache-Control": "public, max-age=31536000, immutable"},
                     content_type=response.headers.get("content-type", "application/octet-stream"),
                 )
@@ -257,3 +271,8 @@ def _under(url: str, prefix: str) -> bool:
     if not url.startswith(prefix):
         return False
     return prefix.endswith("/") or len(url) == len(prefix) or url[len(prefix)] in "/?"
+
+
+def _host(url: str) -> str:
+    """host[:port] of a URL, never its user information."""
+    return urlsplit(url).netloc.rpartition("@")[2].lower()
