@@ -75,7 +75,7 @@ class Runtime:
         settings.cache_dir.mkdir(parents=True, exist_ok=True)
         index = Index(make_engine(settings.effective_database_url))
         pools = Pools(PoolSizes(fills=settings.fill_threads, index=settings.index_threads, files=settings.file_threads))
-        traffic = Traffic(index, node=settings.node_name, pools=pools)
+        traffic = Traffic(index, node=settings.node_name, pools=pools, interval=settings.stats_interval)
         store = Store(
             settings.cache_dir, index, node=settings.node_name, events=traffic, pools=pools,
             lease_seconds=settings.fill_lease, follow_streams=settings.follow_fills == "stream",

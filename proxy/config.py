@@ -269,6 +269,7 @@ class Settings(BaseSettings):
     max_size: Size | None = None  # evict least recently used blobs above this
     min_free: Size | None = None  # and while the cache's file system has less free space than this
     purge_interval: Duration = 600.0
+    stats_interval: Duration = Field(default=10.0, ge=1, le=3600)  # counters saved and a dashboard point taken this often
     admin_token: SecretStr | None = None  # Bearer token for the admin endpoints; none: they are off
     admin_token_env: str | None = None
     public_stats: bool = True  # /stats, /metrics and the dashboard readable without the admin token

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import platform
 import time
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -26,15 +26,19 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from proxy import __version__
 from proxy.http.timing import CURRENT, Exchange
 from proxy.store.events import Outcome
-from proxy.store.index import Index
+from proxy.store.index import Index, Sample
 from proxy.store.pools import Pools
 from proxy.store.records import CounterKey, Origin, ReadScope
 
 log = logging.getLogger(__name__)
 
 COUNTERS = ("requests", "hits", "misses", "bytes_from_cache", "bytes_from_upstream", "coalesced", "fleet_followed", "fleet_takeovers")
-FLUSH_SECONDS = 10.0
-HISTORY_POINTS = 1080  # three hours of 10 s points
+FLUSH_SECONDS = 10.0  # the default `stats_interval`: counters saved and a chart point taken this often
+# The charts' points: the index keeps a day of them; /stats gives every point of the last three
+# hours and one in five minutes before that (a day at 10 s would be 8640 points in every /stats).
+HISTORY_SECONDS = 24 * 3600.0
+RECENT_SECONDS = 3 * 3600.0
+OLDER_STEP = 300.0
 USAGE_SECONDS = 10.0  # how long a size/entry count from the index is reused
 TOP = 10
 Nameable = Callable[[str, str], Awaitable[bool]]  # (scope kind, name): may a report name it?
@@ -81,7 +85,7 @@ class _Usage:
 class Traffic:
     """Counts requests, hits, misses, bytes and coalesced followers: the store's events (StoreEvents)."""
 
-    def __init__(self, index: Index, node: str, pools: Pools | None = None) -> None:
+    def __init__(self, index: Index, node: str, pools: Pools | None = None, interval: float = FLUSH_SECONDS) -> None:
         self._index = index
         self._node = node
         self._pools = pools
@@ -94,7 +98,8 @@ class Traffic:
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         self._usage: _Usage | None = None
         self._flusher: asyncio.Task[None] | None = None
-        self.history: deque[dict[str, float]] = deque(maxlen=HISTORY_POINTS)
+        self._interval = interval
+        self.history: list[dict[str, float]] = []  # oldest first, as thin_history keeps them
         self.registry = CollectorRegistry()
         labels = ["source", "upstream"]
         self._requests = PromCounter("pullthrough_requests", "Requests for cached content.", [*labels, "result"], registry=self.registry)
@@ -213,8 +218,10 @@ class Traffic:
 
     # -- persistence --------------------------------------------------------------------------------
     def load(self) -> None:
-        """Blocking: what every node saved so far."""
+        """Blocking: what every node saved so far, and the charts' points of the last day."""
         self._saved = self._index.counters.totals()
+        now = time.time()
+        self.history = thin_history([_point(sample) for sample in self._index.history.since(now - HISTORY_SECONDS)], now)
 
     async def start(self) -> None:
         await self._blocking(self.load)
@@ -250,19 +257,33 @@ class Traffic:
 
     async def _flush_periodically(self) -> None:
         while True:
-            await asyncio.sleep(FLUSH_SECONDS)
-            self._sample()
+            # On the slots' boundaries: every node of a fleet samples at the same moments, so the
+            # point of a slot is on time whichever node takes it.
+            await asyncio.sleep(self._interval - time.time() % self._interval)
             try:
                 await self.flush()
             except Exception:
                 log.exception("could not save counters")
+                continue  # no point: the totals were not read back
+            try:
+                await self._sample()
+            except Exception:
+                log.exception("could not save the traffic history")
 
-    def _sample(self) -> None:
-        """A point of the dashboard's charts (kept in memory: the last few hours)."""
+    async def _sample(self) -> None:
+        """A point of the dashboard's charts: the fleet's totals as the flush just read them back,
+        saved in the index (the first node to take a slot writes its point) and kept for /stats."""
+        now = time.time()
         totals: Counter[str] = Counter()
-        for key, value in self.totals().items():
+        for key, value in self._saved.items():
             totals[key.name] += value
-        self.history.append({"t": round(time.time(), 1), **{name: totals[name] for name in COUNTERS}})
+        slot_ms = self._interval * 1000
+        # The nearest boundary: the sleep may end a hair early and the flush takes a moment.
+        sample = Sample(int(round(now * 1000 / slot_ms) * slot_ms), now, {name: totals[name] for name in COUNTERS})
+        await self._blocking(self._index.history.record, sample, now - HISTORY_SECONDS)
+        point = _point(sample)
+        if not self.history or point["t"] > self.history[-1]["t"]:
+            self.history = thin_history([*self.history, point], now)
 
     # -- reports -------------------------------------------------------------------------------------
     def totals(self) -> dict[CounterKey, int]:
@@ -328,9 +349,31 @@ class Traffic:
                 "pins": pins,
                 "ratelimit_remaining": ratelimits,
                 "history": list(self.history),
+                "history_step": {"recent": self._interval, "older": OLDER_STEP},
             }
         )
         return report
 
     def metrics(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _point(sample: Sample) -> dict[str, float]:
+    """A point as /stats shows it: when, and each counter's fleet total then (a counter the sample
+    predates is absent, not zero: the charts draw no rate for it there)."""
+    return {"t": round(sample.taken_at, 3), **{name: sample.totals[name] for name in COUNTERS if name in sample.totals}}
+
+
+def thin_history(points: list[dict[str, float]], now: float) -> list[dict[str, float]]:
+    """Every point of the last RECENT_SECONDS, one per OLDER_STEP before that, none older than
+    HISTORY_SECONDS. The points are cumulative totals, so a rate over a dropped point's two
+    neighbours is still the true average over that time."""
+    kept: list[dict[str, float]] = []
+    for point in points:
+        t = point["t"]
+        if t < now - HISTORY_SECONDS:
+            continue
+        if t < now - RECENT_SECONDS and kept and t - kept[-1]["t"] < OLDER_STEP:
+            continue
+        kept.append(point)
+    return kept

@@ -93,3 +93,28 @@ def test_an_embedded_index_behind_the_head_is_upgraded_by_a_child_process(tmp_pa
     assert current_revision(engine) == SCHEMA_HEAD
     assert "followed" in {column["name"] for column in inspect(engine).get_columns("fill_leases")}
     engine.dispose()
+
+
+def test_the_history_migration_adds_its_table_beside_the_saved_counters_and_goes_down_again(tmp_path: Path) -> None:
+    from sqlalchemy import text
+
+    from proxy.store.index import Index, Sample
+
+    url = f"sqlite:///{tmp_path / 'index.db'}"
+    upgrade(url, "0005")
+    engine = make_engine(url)
+    with engine.begin() as connection:
+        connection.execute(text("INSERT INTO counters (node, source, upstream, name, value) VALUES ('a', 'oci', 'docker.io', 'hits', 7)"))
+    engine.dispose()
+    upgrade(url)
+    index = Index(make_engine(url))
+    index.history.record(Sample(10_000, 10.0, {"hits": 7}), keep_after=0)
+    assert index.history.since(0) == [Sample(10_000, 10.0, {"hits": 7})]
+    assert sum(index.counters.totals().values()) == 7
+    index.dispose()
+    command.downgrade(alembic_config(url), "0005")
+    engine = make_engine(url)
+    assert "traffic_history" not in inspect(engine).get_table_names()
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT value FROM counters")).scalar() == 7
+    engine.dispose()

@@ -13,12 +13,13 @@ from sqlalchemy import Engine
 
 from proxy.store.index.blobs import BlobIndex
 from proxy.store.index.engine import make_engine
+from proxy.store.index.history import HistoryIndex, Sample
 from proxy.store.index.housekeeping import CounterIndex, PinIndex, PurgeLog, exclusive
 from proxy.store.index.leases import LeaseIndex
 from proxy.store.index.models import Base
 from proxy.store.index.references import ReferenceIndex
 
-__all__ = ["Base", "Index", "make_engine"]
+__all__ = ["Base", "Index", "Sample", "make_engine"]
 
 
 class Index:
@@ -32,6 +33,7 @@ class Index:
         self.pins = PinIndex(engine)
         self.counters = CounterIndex(engine)
         self.purges = PurgeLog(engine)
+        self.history = HistoryIndex(engine)
 
     @contextlib.contextmanager
     def exclusive(self, name: str) -> Iterator[bool]:

@@ -63,6 +63,17 @@ class CounterRow(Base):
     value: Mapped[int] = mapped_column(BigInteger)
 
 
+class HistoryRow(Base):
+    """A point of the dashboard's charts: the fleet's counter totals (by counter name) at one time
+    slot. One row per slot, whichever node of the fleet took it first: the totals are the fleet's."""
+
+    __tablename__ = "traffic_history"
+
+    slot: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)  # ms since the epoch
+    taken_at: Mapped[float] = mapped_column(Double)  # when the totals were read (rates divide by these)
+    totals: Mapped[dict[str, int]] = mapped_column(JSON)
+
+
 class PurgeRow(Base):
     """One pass of the janitor."""
 
