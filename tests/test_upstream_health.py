@@ -113,6 +113,39 @@ def test_each_kind_of_upstream_failure_is_named_counted_and_logged_once_until_it
         registry.stop()
 
 
+def test_hub_s3_web_and_ipfs_failures_are_named_counted_and_logged_once_each(pullthrough) -> None:  # type: ignore[no-untyped-def]
+    from multiformats import CID, multihash
+
+    hub, s3, origin, gateway = (free_port() for _ in range(4))  # nothing listens on any of them
+    pt = pullthrough(
+        [], hf={"url": f"http://127.0.0.1:{hub}"},
+        s3={"endpoint_url": f"http://127.0.0.1:{s3}", "access_key_id": "id", "secret_access_key": "secret", "buckets": [{"name": "models"}]},
+        web={"allow": [f"http://127.0.0.1:{origin}/"], "ipfs_gateways": [f"http://127.0.0.1:{gateway}"]},
+    )
+    cid = CID("base32", 1, "raw", multihash.digest(b"weights", "sha2-256"))
+    paths = {
+        f"hf:127.0.0.1:{hub}": "/org/model/resolve/main/config.json",
+        f"s3:127.0.0.1:{s3}": "/s3/models/weights.bin",
+        f"web:127.0.0.1:{origin}": f"/web/http://127.0.0.1:{origin}/weights.bin",
+        f"ipfs:127.0.0.1:{gateway}": f"/ipfs/{cid}",
+    }
+    for upstream, path in paths.items():
+        for _ in range(2):
+            response = httpx.get(f"{pt.url}{path}", timeout=60)
+            assert response.status_code == 503, (upstream, response.status_code, response.text)
+            assert "connection refused" in response.text, (upstream, response.text)
+        log = pt.log_text()
+        assert len(lines_with(log, f"upstream {upstream} down: refused: ")) == 1, (upstream, log)
+        assert metric(pt.url, "pullthrough_upstream_errors_total", upstream=upstream, kind="refused"), upstream
+        assert metric(pt.url, "pullthrough_upstream_up", upstream=upstream) == 0, upstream
+    # The Hub's failed request was tried ATTEMPTS times; the next one failed at once (its outage
+    # window), without reaching it. S3 counts requests (botocore retries inside one), web and IPFS
+    # are not retried (a cached copy or the next gateway answers instead).
+    assert metric(pt.url, "pullthrough_upstream_errors_total", upstream=f"hf:127.0.0.1:{hub}", kind="refused") == ATTEMPTS
+    for upstream in list(paths)[1:]:
+        assert metric(pt.url, "pullthrough_upstream_errors_total", upstream=upstream, kind="refused") == 2, upstream
+
+
 def test_a_429_with_retry_after_is_retried_once_the_named_wait_has_passed(pullthrough) -> None:  # type: ignore[no-untyped-def]
     body = os.urandom(64 * 1024)
     digest = f"sha256:{hashlib.sha256(body).hexdigest()}"

@@ -46,9 +46,9 @@ class AccessGuard:
                 DECISIONS, f"{_token_hash(token)}:{repo.key}", ttl=self._config.access_ttl,
                 revalidate=lambda _previous: self._ask_hub(repo, token), stale=False,
             )
-        except HubUnavailable:
+        except HubUnavailable as exc:
             log.warning("cannot check access to %s: the Hub is unreachable; refusing", repo.key)
-            raise HfError(503, f"cannot verify access to {repo.id} while the Hub is unreachable") from None
+            raise HfError(503, f"cannot verify access to {repo.id}: {exc.message}") from None
         refusal = resolved.ref.meta.get("refusal")
         if refusal is not None:
             # A new exception each time: one kept in a cache and raised again grows its traceback.

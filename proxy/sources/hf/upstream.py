@@ -44,21 +44,24 @@ class HubClient:
         self._http = http
         self._blobs = blobs
         self._down_until = 0.0
+        self._outage_message = ""
         self._health = health or UpstreamHealth()
         self.upstream = f"hf:{urlsplit(config.base_url).netloc}"  # its name in metrics and log lines
         self._health.watch(self.upstream)
 
     def _check_outage(self) -> None:
         if time.monotonic() < self._down_until:
-            raise HubUnavailable("the Hub was unreachable moments ago")
+            raise HubUnavailable(self._outage_message)
 
     def _outage(self, failure: Failure) -> HubUnavailable:
         """The attempts are spent: the Hub is down, and the client learns why."""
         self._health.down(self.upstream, failure)
         self._down_until = time.monotonic() + OUTAGE_SECONDS
         if failure.kind.startswith("http_"):
-            return HubUnavailable(f"the Hub {failure.cause}")
-        return HubUnavailable(f"the Hub is unreachable: {failure.summary}")
+            self._outage_message = f"the Hub {failure.cause} moments ago"
+        else:
+            self._outage_message = f"the Hub is unreachable: {failure.summary}"
+        return HubUnavailable(self._outage_message.removesuffix(" moments ago"))
 
     def _count_retryable(self, status: int, headers: Mapping[str, str], content: bytes = b"", response: object = None) -> None:
         """RetryableAnswer (counted as a failed attempt) for an answer worth asking again for."""
