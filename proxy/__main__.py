@@ -1,3 +1,3 @@
 from proxy.cli import main
 
-main()
+main(prog_name="pullthrough")

@@ -5,6 +5,7 @@ Precedence is flag > environment > file > default; a bad value is one readable l
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import socket
@@ -12,46 +13,58 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+import pytimeparse2
+from pydantic import (
+    BaseModel, BeforeValidator, ByteSize, ConfigDict, Field, SecretStr, TypeAdapter, ValidationError, field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
-_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION_HINT = "a duration such as '24h', '5m', '1h30m', '500ms' or a number of seconds"
+_SIZE_HINT = "a size such as '500GB' (10^9 bytes), '500GiB' (2^30 bytes), '50G' (= 50GB) or a number of bytes"
+_BYTE_SIZE: TypeAdapter[ByteSize] = TypeAdapter(ByteSize)
 
 
 def parse_duration(value: Any) -> float:
-    """'24h', '5m', '1h30m', '0s', or a number of seconds -> seconds."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if value < 0:
-            raise ValueError("a duration cannot be negative")
-        return float(value)
-    if not isinstance(value, str):
-        raise ValueError("expected a duration such as '24h', '5m' or '30s'")
-    text = value.strip().lower()
-    if text.isdigit():
-        return float(text)
-    parts = _DURATION_PART.findall(text)
-    if not parts or "".join(n + u for n, u in parts) != text:
-        raise ValueError(f"{value!r} is not a duration such as '24h', '5m' or '30s'")
-    return sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+    """'24h', '5m', '1h30m', '1.5h', '500ms', '0s', or a number of seconds -> seconds (pytimeparse2)."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected {_DURATION_HINT}")
+    if isinstance(value, (int, float)):
+        seconds: float | None = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        seconds = float(text) if _is_number(text) else pytimeparse2.parse(text)
+    else:
+        raise ValueError(f"expected {_DURATION_HINT}")
+    if seconds is None:
+        raise ValueError(f"{value!r} is not {_DURATION_HINT}")
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return float(seconds)
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 
-_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)$")
-_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4, "p": 1024**5}
-
 
 def parse_size(value: Any) -> int:
-    """'50G', '500MiB', '1.5T', or a number of bytes -> bytes (binary units)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        if value < 0:
-            raise ValueError("a size cannot be negative")
-        return value
-    match = _SIZE.match(str(value).strip().lower()) if isinstance(value, str) else None
-    if match is None:
-        raise ValueError(f"{value!r} is not a size such as '50G', '500M' or '1T'")
-    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+    """'500GB' (10^9), '500GiB' (2^30), '50G' (decimal, as Kubernetes reads it), or a number of
+    bytes -> bytes (pydantic's ByteSize: decimal and binary units both as their standards say)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"expected {_SIZE_HINT}")
+    if isinstance(value, (int, float)) and value < 0 or isinstance(value, str) and value.strip().startswith("-"):
+        raise ValueError("a size cannot be negative")
+    try:
+        return int(_BYTE_SIZE.validate_python(value.strip() if isinstance(value, str) else value))
+    except ValidationError:
+        raise ValueError(f"{value!r} is not {_SIZE_HINT}") from None
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 Size = Annotated[int, BeforeValidator(parse_size)]
@@ -253,6 +266,39 @@ class ResourceSet(BaseModel):
         return self
 
 
+LogLevel = Annotated[
+    Literal["debug", "info", "warning", "error", "critical"],
+    BeforeValidator(lambda level: level.lower() if isinstance(level, str) else level),
+]
+
+# Index databases pullthrough speaks, and the module each one's driver needs (with the extra that
+# installs it): anything else would pass as a URL and then fail on import at start-up.
+_DATABASE_DRIVERS = {"sqlite": ("pysqlite", "sqlite3", None), "postgresql": ("psycopg", "psycopg", "postgres")}
+
+
+def check_database_url(url: str) -> str:
+    """The URL with its dialect's supported driver made explicit (postgresql:// -> postgresql+psycopg://);
+    ValueError for a dialect or driver pullthrough cannot use, or a driver that is not installed."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ValueError("not a database URL (sqlite:///path or postgresql+psycopg://user@host/db)") from None
+    backend = parsed.get_backend_name()
+    if backend not in _DATABASE_DRIVERS:
+        raise ValueError(f"{backend} is not supported: use sqlite:///path or postgresql+psycopg://user@host/db")
+    driver, module, extra = _DATABASE_DRIVERS[backend]
+    if "+" in parsed.drivername and parsed.get_driver_name() != driver:
+        raise ValueError(f"the {parsed.get_driver_name()} driver is not supported: use {backend}+{driver}://")
+    if importlib.util.find_spec(module) is None:
+        raise ValueError(f"{backend} needs the {module} module: pip install 'pullthrough[{extra}]'")
+    if parsed.drivername == "postgresql":  # SQLAlchemy's default for it is psycopg2, which pullthrough does not use
+        return f"postgresql+{driver}" + url.strip()[len("postgresql"):]
+    return url
+
+
 _NODE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,199}")
 _NODE_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
@@ -273,7 +319,7 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = None  # Bearer token for the admin endpoints; none: they are off
     admin_token_env: str | None = None
     public_stats: bool = True  # /stats, /metrics and the dashboard readable without the admin token
-    log_level: str = "info"
+    log_level: LogLevel = "info"
     access_log: bool = False
     log_format: Literal["text", "json"] = "text"  # json: one object per line (time, level, logger, message, fields)
     registries: list[RegistryConfig] = Field(default_factory=_default_registries)
@@ -310,6 +356,11 @@ class Settings(BaseSettings):
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"{listen!r} must be HOST:PORT")
         return listen
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, url: str | None) -> str | None:
+        return check_database_url(url) if url is not None else None
 
     @field_validator("registries")
     @classmethod

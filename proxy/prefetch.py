@@ -7,13 +7,14 @@ takes both), and fetch through the same sources a client's request would use.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import fcntl
 import json
 import os
 import shutil
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 from proxy.app import Runtime
@@ -34,9 +35,47 @@ async def running(settings: Settings) -> AsyncIterator[Runtime]:
         await runtime.aclose()
 
 
-async def fetch(runtime: Runtime, text: str, platforms: Sequence[str] = ("linux/amd64",)) -> Fetched:
-    """One resource into the cache: an image reference, hf://, s3://, ipfs://, http(s)://."""
+async def fetch(runtime: Runtime, text: str, platforms: Sequence[str]) -> Fetched:
+    """One resource into the cache: an image reference, hf://, s3://, ipfs://, http(s)://; of a
+    multi-arch image, the images of `platforms` ("linux/arm64")."""
     return await runtime.sources.prefetch(parse_resource(text), platforms)
+
+
+@contextlib.asynccontextmanager
+async def arriving_bytes(runtime: Runtime, report: Callable[[int], object], every: float = 0.2) -> AsyncIterator[None]:
+    """Calls `report(n)` with the bytes that arrived since the last call while the block runs: the
+    growth of this process's temp files (each fill writes its upstream's bytes to one, named
+    node.pid.random, and renames it when done). A file committed between two looks counts up to its
+    last size seen: a progress meter, not the books (those are the fills' own counts)."""
+    prefix = f"{runtime.store.files.node_id}.{os.getpid()}."
+    tmp_dir = runtime.store.files.tmp_dir
+    seen: dict[str, int] = {}
+    reported = 0
+
+    def look() -> int:
+        with contextlib.suppress(FileNotFoundError), os.scandir(tmp_dir) as entries:
+            for entry in entries:
+                if entry.name.startswith(prefix):
+                    with contextlib.suppress(FileNotFoundError):
+                        seen[entry.name] = max(seen.get(entry.name, 0), entry.stat().st_size)
+        return sum(seen.values())
+
+    async def poll() -> None:
+        nonlocal reported
+        while True:
+            now = await asyncio.to_thread(look)
+            if now > reported:
+                report(now - reported)
+                reported = now
+            await asyncio.sleep(every)
+
+    task = asyncio.create_task(poll(), name="progress")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def fetch_set(runtime: Runtime, name: str) -> dict[str, object]:

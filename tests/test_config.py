@@ -22,7 +22,8 @@ def test_durations_accept_units_and_combinations() -> None:
     assert parse_duration("1h30m") == 5400
     assert parse_duration("0s") == 0
     assert parse_duration(90) == 90
-    for bad in ["5 minutes", "h", "-1s", "5x"]:
+    assert parse_duration("500ms") == 0.5 and parse_duration("1.5h") == 5400 and parse_duration("90") == 90
+    for bad in ["5 lightyears", "h", "-1s", "5x", "", True]:
         with pytest.raises(ValueError):
             parse_duration(bad)
 
@@ -95,7 +96,7 @@ def test_serve_with_bad_config_prints_one_line_and_exits_2(tmp_path: Path) -> No
     )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("pullthrough: config error: default_ttl:")
+    assert len(lines) == 1 and lines[0].startswith("pullthrough: default_ttl:")
 
 
 def test_the_readme_config_example_loads(tmp_path: Path) -> None:

@@ -213,7 +213,7 @@ def test_ipfs_and_https_entries_and_the_platforms_of_a_multi_arch_image_are_pref
     amd64 = next(c for c in index.children if c is not arm64)
     sha = lambda data: "sha256:" + hashlib.sha256(data).hexdigest()  # noqa: E731
     expected = {index.manifest_digest, arm64.manifest_digest, *(b.digest for b in arm64.all_blobs()), sha(web_bytes), sha(ipfs_bytes)}
-    assert set(json.loads(pins.stdout)[MARKET]) == expected
+    assert set(json.loads(pins.stdout)[MARKET]["digests"]) == expected
     assert not {amd64.manifest_digest, *(b.digest for b in amd64.all_blobs())} & expected  # the other platform stays out
 
 
@@ -243,10 +243,10 @@ def test_prefetch_set_then_the_pins_and_stats_commands_report_it(upstreams, pull
     assert fetched.returncode == 0, fetched.stdout + fetched.stderr
     assert f"{MARKET}: docker.io/nosana/stats:v1.0.4: 4 blobs" in fetched.stdout
     pins = subprocess.run([*run, "pins", "--config", str(pt.config_path), "--json"], capture_output=True, text=True, timeout=60)
-    assert pins.returncode == 0 and len(json.loads(pins.stdout)[MARKET]) == 8
+    assert pins.returncode == 0 and json.loads(pins.stdout)[MARKET]["pinned"] == json.loads(pins.stdout)[MARKET]["present"] == 8
     table = subprocess.run([*run, "pins", "--config", str(pt.config_path)], capture_output=True, text=True, timeout=60)
-    assert table.stdout.strip() == f"{MARKET}: 8 blobs"
-    offline = subprocess.run([*run, "stats", "--config", str(pt.config_path), "--json"], capture_output=True, text=True, timeout=60)
+    assert table.stdout.strip().startswith(f"{MARKET}: 8 blobs pinned, 8 on disk (")
+    offline = subprocess.run([*run, "stats", "--config", str(pt.config_path), "--offline", "--json"], capture_output=True, text=True, timeout=60)
     assert offline.returncode == 0, offline.stderr
     report = json.loads(offline.stdout)  # from the index: what the prefetch fetched, saved by its counters
     assert report["cache"]["entries"] >= 8 and report["bytes_from_upstream"] >= 300_000 and report["pins"][MARKET] == {"blobs": 8}
