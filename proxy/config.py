@@ -23,6 +23,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 _DURATION_HINT = "a duration such as '24h', '5m', '1h30m', '500ms' or a number of seconds"
 _SIZE_HINT = "a size such as '500GB' (10^9 bytes), '500GiB' (2^30 bytes), '50G' (= 50GB) or a number of bytes"
 _BYTE_SIZE: TypeAdapter[ByteSize] = TypeAdapter(ByteSize)
+_SIZE_TEXT = re.compile(r"\d*\.?\d+ *[A-Za-z]*")
 
 
 def parse_duration(value: Any) -> float:
@@ -53,6 +54,9 @@ def parse_size(value: Any) -> int:
         raise ValueError(f"expected {_SIZE_HINT}")
     if isinstance(value, (int, float)) and value < 0 or isinstance(value, str) and value.strip().startswith("-"):
         raise ValueError("a size cannot be negative")
+    # ByteSize reads only as far as it understands ('1.5.2GB' would be 1 byte): the whole text must be a size.
+    if isinstance(value, str) and not _SIZE_TEXT.fullmatch(value.strip()):
+        raise ValueError(f"{value!r} is not {_SIZE_HINT}")
     try:
         return int(_BYTE_SIZE.validate_python(value.strip() if isinstance(value, str) else value))
     except ValidationError:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import ConfigError, load_settings, parse_duration
+from proxy.config import ConfigError, load_settings, parse_duration, parse_size
 
 
 def write(path: Path, text: str) -> Path:
@@ -26,6 +26,39 @@ def test_durations_accept_units_and_combinations() -> None:
     for bad in ["5 lightyears", "h", "-1s", "5x", "", True]:
         with pytest.raises(ValueError):
             parse_duration(bad)
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("500GB", 500 * 10**9), ("500GiB", 500 * 2**30), ("500G", 500 * 10**9),  # a bare G is decimal, as in Kubernetes
+        ("20gib", 20 * 2**30), ("1.5T", 1_500_000_000_000), ("1.5TiB", int(1.5 * 2**40)), ("64KiB", 65536),
+        ("64k", 64_000), ("100MB", 10**8), ("100 MiB", 100 * 2**20), ("0", 0), ("12345", 12345), (4096, 4096),
+    ],
+)
+def test_sizes_take_decimal_and_binary_units_as_their_standards_say(text: str | int, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("24h", 86400), ("5m", 300), ("1h30m", 5400), ("1h 30m", 5400), ("1.5h", 5400), ("500ms", 0.5), ("7d", 604800),
+     ("2w", 1_209_600), ("30s", 30), ("30", 30), ("2.5", 2.5), (90, 90), ("0s", 0)],
+)
+def test_durations_take_units_fractions_and_combinations(text: str | int, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("bad", ["lots", "5 lightyears", "-1G", "G", "", "1.5.2GB", True, None, [1]])
+def test_a_value_that_is_no_size_is_refused(bad: object) -> None:
+    with pytest.raises(ValueError):
+        parse_size(bad)
+
+
+def test_a_bad_size_in_the_config_names_its_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^max_size: 'lots' is not a size such as '500GB'"):
+        load_settings(write(tmp_path / "c.toml", 'max_size = "lots"\n'))
+    assert load_settings(write(tmp_path / "ok.toml", 'max_size = "500GB"\nmin_free = "20GiB"\n')).min_free == 20 * 2**30
 
 
 def test_defaults_mirror_the_well_known_registries_with_docker_hub_as_default(monkeypatch: pytest.MonkeyPatch) -> None:
