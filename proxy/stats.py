@@ -38,6 +38,7 @@ FLUSH_SECONDS = 10.0  # the default `stats_interval`: counters saved and a chart
 # hours and one in five minutes before that (a day at 10 s would be 8640 points in every /stats).
 HISTORY_SECONDS = 24 * 3600.0
 RECENT_SECONDS = 3 * 3600.0
+RECENT_POINTS = 2160  # at most, whatever stats_interval is (below 5 s, one point per 5 s is kept)
 OLDER_STEP = 300.0
 USAGE_SECONDS = 10.0  # how long a size/entry count from the index is reused
 TOP = 10
@@ -365,15 +366,18 @@ def _point(sample: Sample) -> dict[str, float]:
 
 
 def thin_history(points: list[dict[str, float]], now: float) -> list[dict[str, float]]:
-    """Every point of the last RECENT_SECONDS, one per OLDER_STEP before that, none older than
-    HISTORY_SECONDS. The points are cumulative totals, so a rate over a dropped point's two
-    neighbours is still the true average over that time."""
+    """Every point of the last RECENT_SECONDS (at most RECENT_POINTS of them), one per OLDER_STEP
+    before that, none older than HISTORY_SECONDS. The points are cumulative totals, so a rate over
+    a dropped point's two neighbours is still the true average over that time."""
+    recent = sum(1 for point in points if point["t"] >= now - RECENT_SECONDS)
+    recent_step = RECENT_SECONDS / RECENT_POINTS if recent > RECENT_POINTS else 0.0
     kept: list[dict[str, float]] = []
     for point in points:
         t = point["t"]
         if t < now - HISTORY_SECONDS:
             continue
-        if t < now - RECENT_SECONDS and kept and t - kept[-1]["t"] < OLDER_STEP:
+        step = recent_step if t >= now - RECENT_SECONDS else OLDER_STEP
+        if kept and t - kept[-1]["t"] < step:
             continue
         kept.append(point)
     return kept

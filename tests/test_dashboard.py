@@ -127,7 +127,7 @@ def test_a_fleet_sharing_an_index_keeps_one_history_point_per_slot_for_a_bounded
 
 
 def test_history_keeps_recent_points_all_and_older_ones_thinned_for_a_day() -> None:
-    from proxy.stats import HISTORY_SECONDS, OLDER_STEP, RECENT_SECONDS, thin_history
+    from proxy.stats import HISTORY_SECONDS, OLDER_STEP, RECENT_POINTS, RECENT_SECONDS, thin_history
 
     now = 10 * 24 * 3600.0
     points = [{"t": now - age, "hits": 0} for age in range(int(HISTORY_SECONDS) + 600, -1, -10)]
@@ -136,6 +136,8 @@ def test_history_keeps_recent_points_all_and_older_ones_thinned_for_a_day() -> N
     assert [age for age in kept if age <= RECENT_SECONDS] == list(range(int(RECENT_SECONDS), -1, -10))
     older = [age for age in kept if age > RECENT_SECONDS]
     assert all(a - b >= OLDER_STEP for a, b in zip(older, older[1:])) and len(older) >= (HISTORY_SECONDS - RECENT_SECONDS) / OLDER_STEP - 1
+    every_second = [{"t": now - age, "hits": 0} for age in range(int(RECENT_SECONDS), -1, -1)]  # stats_interval = 1s
+    assert RECENT_POINTS - 1 <= len(thin_history(every_second, now)) <= RECENT_POINTS + 1
 
 
 def test_dashboard_charts_rates_with_axes_and_keeps_them_across_a_restart(upstream, pullthrough, tmp_path) -> None:  # type: ignore[no-untyped-def]
