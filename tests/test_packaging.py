@@ -132,6 +132,9 @@ def test_installed_server_runs_without_extras_and_serves_its_dashboard(installed
         wait_http(f"http://127.0.0.1:{port}/healthz", status=200, proc=server, log_path=log)
         page = wait_http(f"http://127.0.0.1:{port}/", status=200, proc=server, log_path=log)
         assert "<html" in page.text.lower() and "pullthrough" in page.text.lower()
+        # uvloop is a dependency because the server runs on it (every benchmark did): it must be loaded.
+        maps = Path(f"/proc/{server.pid}/maps").read_text()
+        assert "/uvloop/" in maps, "the server runs on asyncio's own event loop, not uvloop"
     finally:
         stop_process(server)
 
