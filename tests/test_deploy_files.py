@@ -158,7 +158,7 @@ def test_dockerignore_sends_what_the_dockerfile_copies() -> None:
 
 
 @pytest.mark.parametrize("compose", ["compose.yaml", "compose.fleet.yaml"])
-def test_compose_mounts_a_config_that_listens_on_the_published_port_and_uses_the_volume(compose: str) -> None:
+def test_compose_mounts_a_config_it_agrees_with_and_waits_out_the_shutdown_grace(compose: str) -> None:
     spec = yaml.safe_load((DEPLOY / compose).read_text())
     for name, service in spec["services"].items():
         if service.get("image") != "pullthrough:latest":
@@ -168,6 +168,7 @@ def test_compose_mounts_a_config_that_listens_on_the_published_port_and_uses_the
         assert str(config.cache_dir) in mounts, f"{name}: cache_dir is not the cache volume"
         for published in service.get("ports", []):
             assert published.split(":")[-1] == str(config.port), f"{name}: {published} but listen {config.listen}"
+        assert seconds(service["stop_grace_period"]) > config.drain_delay + config.shutdown_grace, name
 
 
 # -- Kubernetes ------------------------------------------------------------------------------------
