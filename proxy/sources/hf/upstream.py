@@ -57,18 +57,18 @@ class HubClient:
         """The attempts are spent: the Hub is down, and the client learns why."""
         self._health.down(self.upstream, failure)
         self._down_until = time.monotonic() + OUTAGE_SECONDS
-        if failure.kind.startswith("http_"):
-            self._outage_message = f"the Hub {failure.cause} moments ago"
-        else:
-            self._outage_message = f"the Hub is unreachable: {failure.summary}"
-        return HubUnavailable(self._outage_message.removesuffix(" moments ago"))
+        # Requests during the outage window fail at once with the same cause.
+        self._outage_message = f"the Hub {failure.cause}" if failure.kind.startswith("http_") else f"the Hub is unreachable: {failure.summary}"
+        return HubUnavailable(self._outage_message)
 
     def _count_retryable(self, status: int, headers: Mapping[str, str], content: bytes = b"", response: object = None) -> None:
         """RetryableAnswer (counted as a failed attempt) for an answer worth asking again for."""
         try:
             check_retryable(status, headers, content, response)
         except RetryableAnswer:
-            self._health.failed(self.upstream, status_failure(status) or Failure("other", str(status)))
+            failure = status_failure(status)
+            assert failure is not None  # only 5xx and 429 are retried
+            self._health.failed(self.upstream, failure)
             raise
 
     def resolve_url(self, repo: Repo, revision: str, path: str) -> str:
@@ -126,12 +126,14 @@ class HubClient:
         self._count_retryable(response.status, response.headers, body, response)
         return response, body
 
-    def _rejected(self, status: int, response: object) -> HubUnavailable:
+    def _rejected(self, status: int) -> HubUnavailable:
         """A final 5xx or 429 (already counted): an outage, or a rate limit that is no outage."""
         if status == 429:
             self._health.down(self.upstream, Failure("http_429", "answered 429"))
             return HubUnavailable("the Hub is rate-limiting")
-        return self._outage(status_failure(status) or Failure("other", str(status)))
+        failure = status_failure(status)
+        assert failure is not None  # 5xx: the only other answers rejected
+        return self._outage(failure)
 
     async def api(
         self,
@@ -169,11 +171,11 @@ class HubClient:
         except httpx.TransportError as exc:
             raise self._outage(classify(exc)) from None
         except RetryableAnswer as answer:
-            raise self._rejected(answer.status, answer.response) from None
+            raise self._rejected(answer.status) from None
         failure = status_failure(response.status_code)
         if failure is not None:
             self._health.failed(self.upstream, failure)
-            raise self._rejected(response.status_code, response)
+            raise self._rejected(response.status_code)
         self._health.answered(self.upstream)
         self._down_until = 0.0
         return response
