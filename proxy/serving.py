@@ -16,12 +16,14 @@ import resource
 import socket
 import sys
 import time
+from collections.abc import Callable
 from types import FrameType
 
 import uvicorn
 
 from proxy import __version__
 from proxy.config import Settings
+from proxy.extras import missing_extras
 from proxy.http.server import HeadLimits, guarded_protocol
 from proxy.readiness import Readiness
 
@@ -35,12 +37,25 @@ class ServeError(RuntimeError):
 
 
 def run_server(settings: Settings) -> None:
+    if missing := missing_extras(settings):  # a config error (exit 2), before anything binds or migrates
+        print(f"pullthrough: config error: {missing[0]}", file=sys.stderr)
+        raise SystemExit(2)
     listener = bind(settings.host, settings.port)
     try:
         _raise_open_file_limit(settings.max_connections)
-        asyncio.run(_serve(settings, listener))
+        # uvloop when installed, as uvicorn.run chose it (every benchmark ran on it); asyncio.run would not.
+        with asyncio.Runner(loop_factory=_uvloop_factory()) as runner:
+            runner.run(_serve(settings, listener))
     finally:
         listener.close()
+
+
+def _uvloop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    try:
+        import uvloop
+    except ImportError:  # a platform without it (uvloop is a dependency only where it builds)
+        return None
+    return uvloop.new_event_loop
 
 
 def bind(host: str, port: int) -> socket.socket:
