@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from email.message import Message
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.servers.ports import free_port, start_process, stop_process, wait_http
@@ -132,6 +133,11 @@ def test_installed_server_runs_without_extras_and_serves_its_dashboard(installed
         wait_http(f"http://127.0.0.1:{port}/healthz", status=200, proc=server, log_path=log)
         page = wait_http(f"http://127.0.0.1:{port}/", status=200, proc=server, log_path=log)
         assert "<html" in page.text.lower() and "pullthrough" in page.text.lower()
+        # Without the extras, their routes answer in their protocol's terms, never a 500 from an import.
+        ipfs = httpx.get(f"http://127.0.0.1:{port}/ipfs/bafybeigdyrzt5sfp7udm7hu76uh7y26nf3efuylqabf3oclgtqy55fbzdi")
+        assert ipfs.status_code == 503 and ipfs.json()["error"] == "NoGateway", ipfs.text
+        s3 = httpx.get(f"http://127.0.0.1:{port}/s3/models/weights.bin")
+        assert 400 <= s3.status_code < 500, s3.text
         # uvloop is a dependency because the server runs on it (every benchmark did): it must be loaded.
         maps = Path(f"/proc/{server.pid}/maps").read_text()
         assert "/uvloop/" in maps, "the server runs on asyncio's own event loop, not uvloop"
