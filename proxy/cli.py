@@ -39,6 +39,9 @@ def _setting_options(func: Any) -> Any:
 
 # -- the one error rule --------------------------------------------------------------------------
 
+_NO_ARGS_IS_HELP: type[click.UsageError] = getattr(click.exceptions, "NoArgsIsHelpError", type("_Never", (click.UsageError,), {}))
+
+
 class _Pullthrough(click.Group):
     """Turns every failure into one line on stderr and its exit status (see the module docstring)."""
 
@@ -48,6 +51,9 @@ class _Pullthrough(click.Group):
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:
             status = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _NO_ARGS_IS_HELP as exc:  # `pullthrough` alone: the help, as click shows it
+            exc.show()
+            sys.exit(2)
         except click.UsageError as exc:
             _say(_usage_line(exc))
             sys.exit(2)

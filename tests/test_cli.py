@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import REQUIRE_REAL, default_registries
+from tests.conftest import REQUIRE_REAL, default_registries, drop_postgres_database, fresh_postgres_database
 from tests.servers.pullthrough import render_config
 
 RUN = [sys.executable, "-m", "proxy"]
@@ -232,17 +232,27 @@ def test_stats_fails_when_no_server_answers_and_reads_the_index_only_when_asked(
 # -- with an upstream: prefetch, platforms, progress, pins, json ---------------------------------------
 
 @pytest.fixture(scope="module")
-def prefetched(upstream, tmp_path_factory) -> Path:  # type: ignore[no-untyped-def]
-    """A cache (SQLite) holding the set SET, prefetched by the command; returns its config."""
+def prefetched(upstream, tmp_path_factory) -> Iterator[Path]:  # type: ignore[no-untyped-def]
+    """A cache holding the set SET, prefetched by the command; yields its config. Its index is
+    SQLite, or in CI's PostgreSQL pass a database of its own (the read-only commands then read it
+    through a READ ONLY session)."""
     root = tmp_path_factory.mktemp("cli")
+    settings: dict[str, object] = {"cache_dir": str(root / "cache")}
+    database = fresh_postgres_database() if os.environ.get("PULLTHROUGH_TEST_DATABASE") == "postgresql" else None
+    if database:
+        settings["database_url"] = database
     config = root / "pullthrough.toml"
     config.write_text(
-        render_config({"cache_dir": str(root / "cache")}, default_registries(upstream))
+        render_config(settings, default_registries(upstream))
         + f'\n[[resource_sets]]\nname = "{SET}"\nimages = ["docker.io/library/single:1"]\n'
     )
-    done = ok(run("prefetch", "--config", str(config), "--set", SET))
-    assert f"{SET}: docker.io/library/single:1: " in done.stdout
-    return config
+    try:
+        done = ok(run("prefetch", "--config", str(config), "--set", SET))
+        assert f"{SET}: docker.io/library/single:1: " in done.stdout
+        yield config
+    finally:
+        if database:
+            drop_postgres_database(database)
 
 
 def test_platform_picks_the_manifest_of_a_multi_arch_image_and_defaults_to_the_nodes_own(upstream, prefetched, tmp_path) -> None:  # type: ignore[no-untyped-def]
