@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import platform
+import re
 import sys
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -484,9 +485,11 @@ def pins(config_file: str | None, cache_dir: str | None, database_url: str | Non
 
 
 def _human(n: int) -> str:
+    """1536 -> '1.5 KiB' (binary units, as file systems and `du -h` count)."""
     from pydantic import ByteSize
 
-    return ByteSize(n).human_readable(separator=" ")
+    number, unit = re.fullmatch(r"([\d.]+)(\D+)", ByteSize(n).human_readable()).groups()  # type: ignore[union-attr]
+    return f"{number} {unit}"
 
 
 # -- prefetch and materialize --------------------------------------------------------------------
