@@ -97,6 +97,7 @@ class Traffic:
         self._repo_bytes: Counter[tuple[str, str]] = Counter()
         self._keys: dict[tuple[Origin, str], CounterKey] = {}
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
+        self._timers: dict[tuple[str, str], Any] = {}  # (family, result) -> its duration histogram child
         self._usage: _Usage | None = None
         self._flusher: asyncio.Task[None] | None = None
         self._interval = interval
@@ -139,7 +140,7 @@ class Traffic:
     def request(self, origin: Origin, scope: ReadScope, outcome: Outcome, *, joined: bool) -> None:
         exchange = CURRENT.get()
         if exchange is not None:  # the client's request in progress: its duration and bytes are labelled by this read
-            exchange.outcome, exchange.origin = outcome, origin
+            exchange.result, exchange.origin = ("hit" if outcome is Outcome.HIT else "miss"), origin
         self._count(origin, "requests")
         self._count(origin, "hits" if outcome is Outcome.HIT else "misses")
         self._child(self._requests, origin.source, origin.upstream, outcome.value).inc()
@@ -179,12 +180,15 @@ class Traffic:
     def exchange_finished(self, exchange: Exchange) -> None:
         """A response's last byte went out (proxy/http/timing.py): its duration, and the bytes it
         sent by where they came from."""
-        result = "none" if exchange.outcome is None else exchange.outcome.value
-        self._child(self._durations, exchange.family, result).observe(exchange.seconds)
-        if exchange.origin is not None:
+        timer = self._timers.get((exchange.family, exchange.result))
+        if timer is None:
+            timer = self._timers[(exchange.family, exchange.result)] = self._durations.labels(exchange.family, exchange.result)
+        timer.observe(exchange.seconds)
+        origin = exchange.origin
+        if origin is not None:
             sent = exchange.sent
             if sent:
-                self._child(self._served, exchange.origin.source, exchange.origin.upstream, result).inc(sent)
+                self._child(self._served, origin.source, origin.upstream, exchange.result).inc(sent)
 
     def cache_space(self, *, max_size: int | None, min_free: int | None, free: int | None) -> None:
         self._space.max_size, self._space.min_free, self._space.free = max_size, min_free, free
