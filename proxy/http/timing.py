@@ -66,9 +66,8 @@ class Exchange:
 
     async def _last(self, message: Message) -> None:
         # uvicorn arms its keep-alive timer inside this send, and a timer keeps a copy of the
-        # current context until it is cleared from the loop, long after it was cancelled: without
-        # this, each exchange (and through it the server's request cycle) would outlive its request
-        # by that much (measured: a sixth more CPU per hot manifest).
+        # current context until the loop drops it, even once cancelled: the exchange (and through
+        # it the server's request cycle) must not outlive its request that long.
         CURRENT.set(None)
         await self._send(message)
         self.finish()
