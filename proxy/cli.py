@@ -100,10 +100,11 @@ def _describe(exc: Exception, ctx: click.Context) -> tuple[int, str]:
     from proxy.migrate import DatabaseNotReady
     from proxy.offline import CacheUnavailable, database_cause
     from proxy.resources import ResourceError
+    from proxy.serving import ServeError
 
     if isinstance(exc, (ConfigError, ResourceError)):
         return 2, str(exc)
-    if isinstance(exc, (CacheUnavailable, DatabaseNotReady)):
+    if isinstance(exc, (CacheUnavailable, DatabaseNotReady, ServeError)):
         return 1, str(exc)
     if isinstance(exc, DBAPIError):
         where = ctx.meta.get("pullthrough.index", "the index")
@@ -182,15 +183,13 @@ def main(debug: bool) -> None:
 @click.option("--listen", help="HOST:PORT to listen on (default 127.0.0.1:5000).")
 def serve(config_file: str | None, cache_dir: str | None, database_url: str | None, listen: str | None) -> None:
     """Run the cache server."""
-    from proxy.serving import ServeError, run_server
+    from proxy.extras import require_extras
+    from proxy.serving import run_server
 
     settings = _settings(config_file, cache_dir=cache_dir, database_url=database_url, listen=listen)
+    require_extras(settings)  # before anything binds or migrates
     configure_logging(settings.log_level, settings.log_format)
-    try:
-        run_server(settings)
-    except ServeError as exc:
-        click.echo(f"pullthrough: {exc}", err=True)
-        sys.exit(1)
+    run_server(settings)
 
 
 # -- config check ----------------------------------------------------------------------------

@@ -14,7 +14,6 @@ import asyncio
 import logging
 import resource
 import socket
-import sys
 import time
 from collections.abc import Callable
 from types import FrameType
@@ -23,7 +22,6 @@ import uvicorn
 
 from proxy import __version__
 from proxy.config import Settings
-from proxy.extras import missing_extras
 from proxy.http.server import HeadLimits, guarded_protocol
 from proxy.readiness import Readiness
 
@@ -37,9 +35,6 @@ class ServeError(RuntimeError):
 
 
 def run_server(settings: Settings) -> None:
-    if missing := missing_extras(settings):  # a config error (exit 2), before anything binds or migrates
-        print(f"pullthrough: config error: {missing[0]}", file=sys.stderr)
-        raise SystemExit(2)
     listener = bind(settings.host, settings.port)
     try:
         _raise_open_file_limit(settings.max_connections)
