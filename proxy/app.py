@@ -88,7 +88,7 @@ class Runtime:
         return cls(
             settings, index, traffic, store, Janitor(store.files, index, purge_policy(settings)), http, blob_transport,
             sources, ResourceSets(settings.resource_sets, store, sources),
-            Readiness(index.engine, store.files.tmp_dir, settings.node_name, pools),
+            Readiness(index.engine, store.files.tmp_dir, settings.node_name),
         )
 
     async def start(self) -> None:
@@ -121,6 +121,7 @@ class Runtime:
         await self.http.aclose()
         self.blob_transport.close()
         await self.store.aclose()
+        self.readiness.close()
         self.index.dispose()
 
     async def purge(self, **options: object) -> PurgeResult:
@@ -181,6 +182,6 @@ def create_server_app(settings: Settings) -> tuple[ASGIApp, Runtime]:
     app = create_app(settings)
     runtime: Runtime = app.state.runtime
     oci = runtime.sources.named("oci")
-    served: ASGIApp = HotPath(ZeroCopyMiddleware(app, send_timeout=settings.send_timeout), oci.hot)
-    served = RequestTiming(served, runtime.traffic.exchange_finished)  # outermost: hot answers are timed too
+    timed = RequestTiming(ZeroCopyMiddleware(app, send_timeout=settings.send_timeout), runtime.traffic.exchange_finished)
+    served: ASGIApp = HotPath(timed, oci.hot, runtime.traffic.hot_answered)  # hot answers time themselves
     return served, runtime

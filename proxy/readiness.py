@@ -3,6 +3,10 @@
 `/livez` answers while the event loop runs. `/readyz` is 200 only while the index answers and the
 cache dir takes a write, checked at most `MAX_AGE_SECONDS` before the answer (probes from many
 places share one check), and 503 from the moment a shutdown starts (SIGTERM: the server drains).
+
+The checks run in threads of their own, not in the store's pools: under a rollout's load those
+queue behind hashing and commits, and a probe that waited there would take a busy node out of
+its Service. A check still blocked (a hung mount) is not started again; it answers "still waiting".
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +26,6 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from proxy import __version__
-from proxy.store.pools import Pools
 
 MAX_AGE_SECONDS = 2.0
 CHECK_TIMEOUT_SECONDS = 5.0  # a check that takes longer is a failure (a hung NFS mount, a dead database)
@@ -38,10 +43,11 @@ class Checks:
 
 
 class Readiness:
-    def __init__(self, engine: Engine, probe_dir: Path, node: str, pools: Pools) -> None:
+    def __init__(self, engine: Engine, probe_dir: Path, node: str) -> None:
         self._engine = engine
         self._probe = probe_dir / f".readyz-{node}-{os.getpid()}"
-        self._pools = pools
+        self._threads = ThreadPoolExecutor(max_workers=2, thread_name_prefix="readyz")
+        self._blocked: dict[str, Future[None]] = {}  # a check's call that outlived its timeout
         self._last: Checks | None = None
         self._running: asyncio.Task[Checks] | None = None
         self.started = False  # set once the runtime has started (migrations, sweep)
@@ -51,7 +57,9 @@ class Readiness:
         return [
             Route("/livez", self.livez, methods=["GET", "HEAD"]),
             Route("/readyz", self.readyz, methods=["GET", "HEAD"]),
-            Route("/healthz", self.readyz, methods=["GET", "HEAD"]),  # the name older deployments probe
+            # Older deployments probe /healthz for liveness: it stays that, or an index blip would
+            # restart every pod of a fleet that upgraded only its image.
+            Route("/healthz", self.livez, methods=["GET", "HEAD"]),
         ]
 
     async def livez(self, _request: Request) -> JSONResponse:
@@ -78,19 +86,27 @@ class Readiness:
 
     async def _check(self) -> Checks:
         index, cache_dir = await asyncio.gather(
-            self._bounded(self._pools.index, self._index_answers), self._bounded(self._pools.files, self._dir_writable)
+            self._bounded("index", self._index_answers), self._bounded("cache_dir", self._dir_writable)
         )
         return Checks(index, cache_dir)
 
-    @staticmethod
-    async def _bounded(pool, probe) -> str:  # type: ignore[no-untyped-def]
+    async def _bounded(self, name: str, probe: Callable[[], None]) -> str:
+        blocked = self._blocked.get(name)
+        if blocked is not None and not blocked.done():
+            return f"no answer: the check before is still waiting after more than {CHECK_TIMEOUT_SECONDS:.0f} s"
+        self._blocked.pop(name, None)
+        call = self._threads.submit(probe)
         try:
-            await asyncio.wait_for(pool(probe), CHECK_TIMEOUT_SECONDS)
+            await asyncio.wait_for(asyncio.wrap_future(call), CHECK_TIMEOUT_SECONDS)
         except TimeoutError:
+            self._blocked[name] = call
             return f"no answer within {CHECK_TIMEOUT_SECONDS:.0f} s"
         except Exception as exc:  # noqa: BLE001 - any failure is "not ready", named by its kind
             return f"failing: {type(exc).__name__}"
         return "ok"
+
+    def close(self) -> None:
+        self._threads.shutdown(wait=False, cancel_futures=True)
 
     def _index_answers(self) -> None:
         with self._engine.connect() as connection:

@@ -1,11 +1,12 @@
 """`pullthrough serve`: the listening socket, the runtime around the uvicorn server, and shutdown.
 
 Order matters to an operator: the socket is bound first (a port in use fails at once, before
-migrations, the sweep or prefetches run), then the runtime starts (connections wait in the
-socket's backlog meanwhile), then requests are served. A SIGTERM (or SIGINT) drains: `/readyz`
-answers 503 at once, the listener stays open `drain_delay` so that load balancers see it, then
-closes, and running transfers get `shutdown_grace` to finish before they are cut. A second signal
-stops waiting.
+migrations, the sweep or prefetches run), then the runtime starts, and only then does the socket
+listen: while a long start-up runs (a sweep of a large shared cache), clients are refused at once
+and fall back to their next endpoint (containerd, dockerd) instead of waiting in a backlog. A
+SIGTERM (or SIGINT) drains: `/readyz` answers 503 at once, the listener stays open `drain_delay`
+so that load balancers see it, then closes, and running transfers get `shutdown_grace` to finish
+before they are cut. A second signal closes the listener at once; a third cuts the transfers.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from proxy.readiness import Readiness
 
 log = logging.getLogger("proxy.serving")
 
-BACKLOG = 2048  # uvicorn's default: connections that wait while the runtime starts
+BACKLOG = 2048  # uvicorn's default (uvicorn calls listen() with it once the runtime has started)
 
 
 class ServeError(RuntimeError):
@@ -54,7 +55,7 @@ def _uvloop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """The listening socket (IPv4 or IPv6, by what the host resolves to)."""
+    """The socket, bound but not yet listening (IPv4 or IPv6, by what the host resolves to)."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
@@ -64,8 +65,7 @@ def bind(host: str, port: int) -> socket.socket:
     listener = socket.socket(family, kind, proto)
     try:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(address)
-        listener.listen(BACKLOG)
+        listener.bind(address)  # EADDRINUSE here when another process listens on the port
     except OSError as exc:
         listener.close()
         raise ServeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None

@@ -226,6 +226,12 @@ class Traffic:
             if sent:
                 self._exchanges.served(origin.source, origin.upstream, exchange.result, sent)
 
+    def hot_answered(self, seconds: float, origin: Origin, sent: int) -> None:
+        """A manifest the hot path answered (proxy/sources/oci/hot.py), outside the timing middleware."""
+        self._exchanges.observe("oci", "hit", seconds)
+        if sent:
+            self._exchanges.served(origin.source, origin.upstream, "hit", sent)
+
     def cache_space(self, *, max_size: int | None, min_free: int | None, free: int | None) -> None:
         self._space.max_size, self._space.min_free, self._space.free = max_size, min_free, free
 

@@ -184,3 +184,43 @@ def test_an_index_that_does_not_answer_is_one_line_naming_it_without_its_passwor
     assert lines[0].startswith("pullthrough: cannot start: the index at postgresql")
     assert "://pt:***@127.0.0.1:1/pt does not answer: " in lines[0] and "refused" in lines[0]
     assert "s3cret-pw" not in result.stderr + result.stdout
+
+
+def test_a_check_that_hangs_is_not_started_again_and_the_others_go_on(tmp_path: Path) -> None:
+    """A hung mount: the write probe never returns. /readyz says so within the timeout, does not
+    pile up blocked threads (the next check reports the one still waiting), and the index check
+    keeps answering; once the mount answers again, so does the check."""
+    import asyncio
+    import threading
+
+    from sqlalchemy import create_engine
+
+    import proxy.readiness as readiness_module
+    from proxy.readiness import Readiness
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'index.db'}")
+    readiness = Readiness(engine, tmp_path, "node")
+    mount_answers = threading.Event()
+    calls = []
+
+    def hung_write() -> None:
+        calls.append(1)
+        mount_answers.wait(60)
+
+    readiness._dir_writable = hung_write  # type: ignore[method-assign]
+    original_timeout, readiness_module.CHECK_TIMEOUT_SECONDS = readiness_module.CHECK_TIMEOUT_SECONDS, 0.3
+    try:
+        first = asyncio.run(readiness._check())
+        second = asyncio.run(readiness._check())
+        assert first.index == "ok" and first.cache_dir.startswith("no answer within")
+        assert second.index == "ok" and "still waiting" in second.cache_dir
+        assert len(calls) == 1, "a blocked check is not started again"
+        mount_answers.set()
+        readiness._dir_writable = lambda: None  # type: ignore[method-assign]
+        wait_until(lambda: readiness._blocked["cache_dir"].done(), what="the hung call to return")
+        assert asyncio.run(readiness._check()).ok
+    finally:
+        readiness_module.CHECK_TIMEOUT_SECONDS = original_timeout
+        mount_answers.set()
+        readiness.close()
+        engine.dispose()

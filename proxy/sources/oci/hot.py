@@ -15,6 +15,7 @@ full path.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -80,19 +81,29 @@ def _key(asgi_scope: Scope) -> RequestKey | None:
     return asgi_scope.get("raw_path") or asgi_scope["path"].encode(), asgi_scope.get("query_string", b""), accept
 
 
-class HotPath:
-    """ASGI middleware in front of the application: hot answers go out here, the rest passes on."""
+Answered = Callable[[float, Origin, int], None]  # (seconds, origin, body bytes) of a hot answer
 
-    def __init__(self, app: ASGIApp, manifests: HotManifests) -> None:
+
+class HotPath:
+    """ASGI middleware in front of the application (the request timing included): hot answers go
+    out here and report their own duration to `answered`, the rest passes on. A timing wrapper
+    around every hot answer cost about a sixth of this path's rate."""
+
+    def __init__(self, app: ASGIApp, manifests: HotManifests, answered: Answered | None = None) -> None:
         self.app = app
         self.manifests = manifests
+        self.answered = answered
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] in ("GET", "HEAD") and b"/manifests/sha256:" in scope.get("raw_path", b""):
+            started = time.perf_counter()
             found = self.manifests.answer(scope)
             if found is not None:
                 answer, data = found
+                body = data if scope["method"] == "GET" else b""
                 await send({"type": "http.response.start", "status": 200, "headers": answer.headers})
-                await send({"type": "http.response.body", "body": data if scope["method"] == "GET" else b""})
+                await send({"type": "http.response.body", "body": body})
+                if self.answered is not None:
+                    self.answered(time.perf_counter() - started, answer.origin, len(body))
                 return
         await self.app(scope, receive, send)
