@@ -295,3 +295,16 @@ def test_admin_endpoints_are_off_without_a_token_and_need_it_when_set(upstream, 
     assert purged.status_code == 200 and purged.json()["blobs_removed"] == 0
     assert httpx.get(f"{closed.url}/stats", headers=auth, timeout=10).json()["last_purge"]["reason"] == "admin"
     assert "s3cret-admin" not in closed.log_path.read_text()
+
+
+def test_a_row_the_sweep_adopted_takes_the_committers_origin_when_it_arrives(cache: Cache) -> None:
+    data = b"adopted before its committer's row (clocks that disagree)"
+    digest = Digest.from_hex(hashlib.sha256(data).hexdigest())
+    cache.store.put_bytes(data, digest)
+    assert Janitor(cache.store, cache.index, Policy(default_ttl=DAY), adopt_after=0).sweep() == (1, 0)
+    assert cache.index.blobs.get(str(digest)).source == "unknown"  # type: ignore[union-attr]
+    cache.index.blobs.add(str(digest), len(data), source="oci", upstream="ghcr.io")
+    record = cache.index.blobs.get(str(digest))
+    assert record is not None and (record.source, record.upstream) == ("oci", "ghcr.io")
+    cache.index.blobs.add(str(digest), len(data), source="hf", upstream="huggingface.co")  # a known origin stays
+    assert cache.index.blobs.get(str(digest)).upstream == "ghcr.io"  # type: ignore[union-attr]

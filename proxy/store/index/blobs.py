@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Mapping
 
-from sqlalchemy import Engine, and_, bindparam, delete, func, or_, select, update
+from sqlalchemy import Engine, and_, bindparam, case, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from proxy.store.index.engine import insert_for
@@ -36,10 +36,17 @@ class BlobIndex:
             digest=digest, size=size, media_type=media_type, created_at=now, last_access=now, hits=0,
             source=source, upstream=upstream,
         )
+        # A row the sweep adopted ("unknown": it found the file before the committer's row, e.g.
+        # across NFS clocks that disagree) takes the committer's origin when that row arrives.
+        excluded = stmt.excluded
+        unknown = BlobRow.source == "unknown"
+        changes = {
+            "source": case((unknown, excluded.source), else_=BlobRow.source),
+            "upstream": case((unknown, excluded.upstream), else_=BlobRow.upstream),
+        }
         if media_type is not None:
-            stmt = stmt.on_conflict_do_update(index_elements=["digest"], set_={"media_type": media_type})
-        else:
-            stmt = stmt.on_conflict_do_nothing(index_elements=["digest"])
+            changes["media_type"] = excluded.media_type
+        stmt = stmt.on_conflict_do_update(index_elements=["digest"], set_=changes)
         with Session(self.engine) as session, session.begin():
             session.execute(stmt)
 
