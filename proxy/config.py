@@ -12,6 +12,7 @@ import socket
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import pytimeparse2
 from pydantic import (
@@ -24,6 +25,8 @@ _DURATION_HINT = "a duration such as '24h', '5m', '1h30m', '500ms' or a number o
 _SIZE_HINT = "a size such as '500GB' (10^9 bytes), '500GiB' (2^30 bytes), '50G' (= 50GB) or a number of bytes"
 _BYTE_SIZE: TypeAdapter[ByteSize] = TypeAdapter(ByteSize)
 _SIZE_TEXT = re.compile(r"\d*\.?\d+ *[A-Za-z]*")
+_SIZE_NUMBER = re.compile(r"\d*\.?\d+")
+_KUBERNETES_BINARY = re.compile(r"(\d*\.?\d+ *)([KMGTPE])i", re.IGNORECASE)
 
 
 def parse_duration(value: Any) -> float:
@@ -57,10 +60,16 @@ def parse_size(value: Any) -> int:
     # ByteSize reads only as far as it understands ('1.5.2GB' would be 1 byte): the whole text must be a size.
     if isinstance(value, str) and not _SIZE_TEXT.fullmatch(value.strip()):
         raise ValueError(f"{value!r} is not {_SIZE_HINT}")
+    text = value.strip() if isinstance(value, str) else value
+    if isinstance(text, str) and (kubernetes := _KUBERNETES_BINARY.fullmatch(text)):
+        text = f"{kubernetes.group(1)}{kubernetes.group(2)}iB"  # '100Gi', '1Ti' as Kubernetes writes them
     try:
-        return int(_BYTE_SIZE.validate_python(value.strip() if isinstance(value, str) else value))
+        size = int(_BYTE_SIZE.validate_python(text))
     except ValidationError:
         raise ValueError(f"{value!r} is not {_SIZE_HINT}") from None
+    if size == 0 and float(_SIZE_NUMBER.match(str(text)).group(0)) != 0:  # type: ignore[union-attr]
+        raise ValueError(f"{value!r} is less than one byte")  # max_size = 0.5 would evict everything
+    return size
 
 
 def _is_number(text: str) -> bool:
@@ -73,6 +82,18 @@ def _is_number(text: str) -> bool:
 
 Size = Annotated[int, BeforeValidator(parse_size)]
 
+
+def _without_credentials(value: Any) -> Any:
+    """An upstream URL names a host, never a user or password: those would reach metric labels,
+    logs and error lines, and each source has keys of its own for credentials. The value is not
+    repeated in the error, since it holds a secret."""
+    if isinstance(value, str) and "@" in urlsplit(value.strip()).netloc:
+        raise ValueError("must not carry a user name or password (give them in their own keys, e.g. password_env)")
+    return value
+
+
+UpstreamUrl = Annotated[str, BeforeValidator(_without_credentials)]
+
 _REGISTRY_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[0-9]{1,5})?$")
 
 
@@ -82,7 +103,7 @@ class RegistryConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
-    url: str
+    url: UpstreamUrl
     default: bool = False
     tag_ttl: Duration = 300.0
     ttl: Duration | None = None  # unused blobs from this registry are purged after this (default_ttl if unset)
@@ -134,7 +155,7 @@ class HfConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    url: str = "https://huggingface.co"
+    url: UpstreamUrl = "https://huggingface.co"
     revision_ttl: Duration = 300.0  # how long a branch or tag -> commit answer is trusted
     access_ttl: Duration = 60.0  # how long a caller's token is trusted for a gated or private repo
     ttl: Duration | None = None  # unused model files are purged after this (default_ttl if unset)
@@ -160,7 +181,7 @@ class S3Bucket(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
-    endpoint_url: str | None = None
+    endpoint_url: UpstreamUrl | None = None
     region: str | None = None
     access_key_id: str | None = None
     access_key_id_env: str | None = None
@@ -173,7 +194,7 @@ class S3Config(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    endpoint_url: str | None = None  # any S3-compatible endpoint; None: AWS
+    endpoint_url: UpstreamUrl | None = None  # any S3-compatible endpoint; None: AWS
     region: str = "us-east-1"
     access_key_id: str | None = None  # none anywhere: the standard AWS credential chain
     access_key_id_env: str | None = None
@@ -216,9 +237,9 @@ class WebConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    allow: list[str] = Field(default_factory=list)  # URL prefixes, e.g. "https://example.com/models/"
+    allow: list[UpstreamUrl] = Field(default_factory=list)  # URL prefixes, e.g. "https://example.com/models/"
     ttl: Duration = 300.0  # how long a URL's answer is trusted before revalidation
-    ipfs_gateways: list[str] = Field(default_factory=list)  # tried in order, e.g. "https://ipfs.io"
+    ipfs_gateways: list[UpstreamUrl] = Field(default_factory=list)  # tried in order, e.g. "https://ipfs.io"
 
 
 class RemoteResource(BaseModel):

@@ -34,6 +34,8 @@ def test_durations_accept_units_and_combinations() -> None:
         ("500GB", 500 * 10**9), ("500GiB", 500 * 2**30), ("500G", 500 * 10**9),  # a bare G is decimal, as in Kubernetes
         ("20gib", 20 * 2**30), ("1.5T", 1_500_000_000_000), ("1.5TiB", int(1.5 * 2**40)), ("64KiB", 65536),
         ("64k", 64_000), ("100MB", 10**8), ("100 MiB", 100 * 2**20), ("0", 0), ("12345", 12345), (4096, 4096),
+        # Kubernetes' binary suffixes, which the hand-written parser took (a config using them must still load)
+        ("100Gi", 100 * 2**30), ("1Ti", 2**40), ("500Mi", 500 * 2**20), ("2 Ki", 2048),
     ],
 )
 def test_sizes_take_decimal_and_binary_units_as_their_standards_say(text: str | int, size: int) -> None:
@@ -49,7 +51,7 @@ def test_durations_take_units_fractions_and_combinations(text: str | int, second
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("bad", ["lots", "5 lightyears", "-1G", "G", "", "1.5.2GB", True, None, [1]])
+@pytest.mark.parametrize("bad", ["lots", "5 lightyears", "-1G", "G", "", "1.5.2GB", True, None, [1], "0.5", 0.5, "0.0001"])
 def test_a_value_that_is_no_size_is_refused(bad: object) -> None:
     with pytest.raises(ValueError):
         parse_size(bad)
@@ -153,3 +155,22 @@ def test_node_names_that_could_not_name_a_temp_file_are_refused(tmp_path: Path, 
     assert load_settings().node_name  # the hostname, made safe
     with pytest.raises(ConfigError, match="fill_lease"):
         load_settings(fill_lease="0s")
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ('[[registries]]\nname = "docker.io"\nurl = "https://me:hunter2@registry.example"\n', "registries.0.url"),
+        ('[hf]\nurl = "https://me:hunter2@hf.example"\n', "hf.url"),
+        ('[s3]\nendpoint_url = "https://key:hunter2@s3.example"\n', "s3.endpoint_url"),
+        ('[s3]\nbuckets = [{ name = "b", endpoint_url = "https://key:hunter2@s3.example" }]\n', "s3.buckets.0.endpoint_url"),
+        ('[web]\nipfs_gateways = ["https://me:hunter2@ipfs.example"]\n', "web.ipfs_gateways.0"),
+        ('[web]\nallow = ["https://me:hunter2@files.example/models/"]\n', "web.allow.0"),
+    ],
+)
+def test_an_upstream_url_with_a_password_is_refused_without_repeating_it(tmp_path: Path, text: str, key: str) -> None:
+    """A user and password in an upstream URL would reach metric labels, logs and error lines."""
+    with pytest.raises(ConfigError) as refused:
+        load_settings(write(tmp_path / "c.toml", text))
+    assert str(refused.value).startswith(f"{key}: must not carry a user name or password")
+    assert "hunter2" not in str(refused.value)
