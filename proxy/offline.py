@@ -91,8 +91,10 @@ def _read_only_engine(url: str, path: Path | None) -> Engine:
     # mode=ro: SQLite itself refuses to write (and to create the file). Reading a WAL index needs
     # its -shm file, which SQLite cannot create in a folder this process may not write (a
     # read-only mount): there nothing can change the file either, so it is opened as immutable.
-    writable = os.access(path.parent, os.W_OK) or path.with_name(path.name + "-shm").exists()
-    options = "mode=ro" if writable else "mode=ro&immutable=1"
+    # Only there: a folder this user merely may not write (a server's, running as another user)
+    # may be written under us, and immutable skips the locks that keep such reads whole.
+    read_only_mount = bool(os.statvfs(path.parent).f_flag & os.ST_RDONLY)
+    options = "mode=ro&immutable=1" if read_only_mount else "mode=ro"
     return create_engine(f"sqlite:///file:{quote(str(path.resolve()))}?{options}&uri=true", connect_args={"timeout": 30})
 
 

@@ -9,6 +9,7 @@ import asyncio
 import email.utils
 import functools
 import http.client
+import random
 import time
 import urllib.request
 from collections.abc import Callable, Mapping
@@ -32,6 +33,7 @@ RETRY_STATUSES = frozenset({502, 503, 504})
 # A Retry-After up to this long is waited for (a 429 is retried only when it says how long to wait);
 # a longer one is not retried: the client gets the answer at once and may wait itself.
 MAX_RETRY_AFTER = 10.0
+RETRY_AFTER_JITTER = 0.25  # seconds added to a Retry-After wait, at random
 BACKOFF = wait_exponential_jitter(multiplier=0.2, exp_base=5, max=2.0, jitter=0.3)
 
 
@@ -70,7 +72,9 @@ def check_retryable(status: int, headers: Mapping[str, str], content: bytes = b"
 
 
 class WaitRetryAfter(wait_base):
-    """The backoff, or the upstream's Retry-After when that is longer (it is capped by check_retryable)."""
+    """The backoff, or the upstream's Retry-After when that is longer (it is capped by check_retryable),
+    plus up to a quarter second of jitter: a fleet told the same Retry-After must not come back in
+    the same instant."""
 
     def __init__(self, backoff: wait_base = BACKOFF) -> None:
         self._backoff = backoff
@@ -79,7 +83,7 @@ class WaitRetryAfter(wait_base):
         pause = self._backoff(retry_state)
         error = retry_state.outcome.exception() if retry_state.outcome is not None else None
         if isinstance(error, RetryableAnswer) and error.retry_after is not None:
-            return max(pause, min(error.retry_after, MAX_RETRY_AFTER))
+            return max(pause, min(error.retry_after, MAX_RETRY_AFTER) + random.uniform(0, RETRY_AFTER_JITTER))
         return pause
 
 
