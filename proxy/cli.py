@@ -374,7 +374,7 @@ def stats(
 ) -> None:
     """What the cache saves. Asks the running server (--url, else the configured listen address)
     and fails (exit 1) when none answers; --offline reads the totals from the index instead,
-    which counts only what the servers had saved (every 15 s and at shutdown)."""
+    which counts only what the servers had saved (every stats_interval, 10 s by default, and at shutdown)."""
     if url and offline:
         _fail("--url and --offline exclude each other")
     settings = _settings(config_file, cache_dir=cache_dir, database_url=database_url)
