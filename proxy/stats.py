@@ -14,6 +14,7 @@ import logging
 import math
 import platform
 import time
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 from collections.abc import Awaitable, Callable
@@ -146,6 +147,7 @@ class Traffic:
         self._usage: _Usage | None = None
         self._flusher: asyncio.Task[None] | None = None
         self._interval = interval
+        self._offset = zlib.crc32(node.encode()) % 1000 / 1000 * 0.3 * interval  # see _flush_periodically
         self.history: list[dict[str, float]] = []  # oldest first, as thin_history keeps them
         self.registry = CollectorRegistry()
         labels = ["source", "upstream"]
@@ -304,9 +306,10 @@ class Traffic:
 
     async def _flush_periodically(self) -> None:
         while True:
-            # On the slots' boundaries: every node of a fleet samples at the same moments, so the
-            # point of a slot is on time whichever node takes it.
-            await asyncio.sleep(self._interval - time.time() % self._interval)
+            # Just after the slots' boundaries, each node at its own fixed offset (up to 30 % of a
+            # slot): a slot's point is on time whichever node takes it, and hundreds of nodes on
+            # one index do not all write in the same instant.
+            await asyncio.sleep(self._interval - (time.time() - self._offset) % self._interval)
             try:
                 await self.flush()
             except Exception:
@@ -325,8 +328,10 @@ class Traffic:
         for key, value in self._saved.items():
             totals[key.name] += value
         slot_ms = self._interval * 1000
-        # The nearest boundary: the sleep may end a hair early and the flush takes a moment.
-        sample = Sample(int(round(now * 1000 / slot_ms) * slot_ms), now, {name: totals[name] for name in COUNTERS})
+        # The nearest boundary before this node's offset: the sleep may end a hair early and the
+        # flush takes a moment.
+        slot = int(round((now - self._offset) * 1000 / slot_ms) * slot_ms)
+        sample = Sample(slot, now, {name: totals[name] for name in COUNTERS})
         await self._blocking(self._index.history.record, sample, now - HISTORY_SECONDS)
         point = _point(sample)
         if not self.history or point["t"] > self.history[-1]["t"]:

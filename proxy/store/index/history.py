@@ -29,11 +29,13 @@ class HistoryIndex:
 
     def record(self, sample: Sample, keep_after: float) -> None:
         """Save `sample` unless another node took its slot already (its totals are the same fleet's,
-        read moments apart), and forget the slots before `keep_after` (seconds since the epoch)."""
+        read moments apart), and forget the slots before `keep_after` (seconds since the epoch):
+        only the node whose point was saved prunes, once per slot for the whole fleet."""
         stmt = self._insert(HistoryRow).values(slot=sample.slot, taken_at=sample.taken_at, totals=dict(sample.totals))
         with Session(self.engine) as session, session.begin():
-            session.execute(stmt.on_conflict_do_nothing(index_elements=["slot"]))
-            session.execute(delete(HistoryRow).where(HistoryRow.slot < int(keep_after * 1000)))
+            saved = session.execute(stmt.on_conflict_do_nothing(index_elements=["slot"])).rowcount
+            if saved:
+                session.execute(delete(HistoryRow).where(HistoryRow.slot < int(keep_after * 1000)))
 
     def since(self, after: float) -> list[Sample]:
         """The samples of the slots from `after` (seconds since the epoch) on, oldest first."""
