@@ -96,6 +96,10 @@ UpstreamUrl = Annotated[str, BeforeValidator(_without_credentials)]
 
 _REGISTRY_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[0-9]{1,5})?$")
 
+DOCKER_HUB = "docker.io"
+# The host names Docker's own tools and the seed's listings write for Docker Hub.
+DOCKER_HUB_ALIASES = ("registry.hub.docker.com", "index.docker.io", "registry-1.docker.io")
+
 
 class RegistryConfig(BaseModel):
     """One upstream registry and the name clients use for it."""
@@ -113,11 +117,26 @@ class RegistryConfig(BaseModel):
     # Hosts (besides the registry's own) that may receive the credentials when a
     # token challenge names them as realm: Docker Hub's realm is auth.docker.io.
     auth_realm_hosts: tuple[str, ...] = ()
+    # Other names clients may use for this registry (in image names, ?ns= and path prefixes). A
+    # registry named docker.io has Docker's own unless it sets them: DOCKER_HUB_ALIASES.
+    aliases: tuple[str, ...] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _docker_hub_aliases(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("name") == DOCKER_HUB and "aliases" not in data:
+            return {**data, "aliases": DOCKER_HUB_ALIASES}
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> RegistryConfig:
         if not _REGISTRY_NAME.match(self.name):
             raise ValueError(f"registry name {self.name!r} must look like a host name (docker.io, ghcr.io)")
+        for alias in self.aliases:
+            if not _REGISTRY_NAME.match(alias):
+                raise ValueError(f"alias {alias!r} of {self.name} must look like a host name (index.docker.io)")
+        if len({self.name, *self.aliases}) != 1 + len(self.aliases):
+            raise ValueError(f"aliases of {self.name} repeat a name")
         if not re.match(r"^https?://[^/\s]+/?$", self.url):
             raise ValueError(f"registry url {self.url!r} must be http(s)://host[:port]")
         if self.password is not None and self.password_env is not None:
@@ -127,6 +146,16 @@ class RegistryConfig(BaseModel):
     @property
     def base_url(self) -> str:
         return self.url.rstrip("/")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every name clients may use for this registry, its own first."""
+        return (self.name, *self.aliases)
+
+    @property
+    def is_docker_hub(self) -> bool:
+        """Docker Hub's single names mean library/ (alpine is library/alpine), under any of its names."""
+        return DOCKER_HUB in self.names
 
     def credentials(self) -> tuple[str, str] | None:
         """(username, password) when configured; the password read from its variable at call time."""
@@ -396,6 +425,14 @@ class Settings(BaseSettings):
             raise ValueError(f"name {duplicates[0]!r} appears twice")
         if sum(r.default for r in registries) > 1:
             raise ValueError("only one registry may have default = true")
+        owners: dict[str, str] = {}
+        for registry in registries:
+            for name in registry.names:
+                if name in owners:
+                    hint = " (docker.io has Docker's aliases unless it sets `aliases`)" if name in DOCKER_HUB_ALIASES else ""
+                    raise ValueError(f"{name!r} names both {owners[name]} and {registry.name}: a name or alias "
+                                     f"belongs to one registry{hint}")
+                owners[name] = registry.name
         return registries
 
     @field_validator("node")

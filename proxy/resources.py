@@ -1,6 +1,8 @@
 """What a resource string names, parsed once for the CLI and the resource sets alike:
 `docker.io/library/alpine:3.20` (an image), `hf://[datasets/]org/name[@revision]`,
 `s3://bucket/key-or-prefix[/]`, `ipfs://cid[/path]`, `https://…` (a URL under `[web] allow`).
+An image keeps its name as written (`registry.hub.docker.com/nosana/frpc:0.1.0`); the OCI source
+reads the registry and its aliases out of it (proxy/sources/oci/names.py).
 """
 
 from __future__ import annotations

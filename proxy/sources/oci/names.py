@@ -1,4 +1,5 @@
-"""Which upstream and repository a /v2/ request means: containerd's ?ns=, a path prefix, or the default.
+"""Which upstream and repository a /v2/ request or an image name means: containerd's ?ns=, a path
+prefix, or the default; a registry's aliases (index.docker.io) mean the registry itself.
 
 Every part of the path is checked against the distribution grammar here, before anything else
 sees it.
@@ -56,8 +57,20 @@ class Router:
     """Maps request paths to targets over the configured registries."""
 
     def __init__(self, registries: list[RegistryConfig]) -> None:
-        self._by_name = {r.name: r for r in registries}
+        # Aliases map to the registry itself, so that scopes, tags and upstream health are keyed by
+        # its own name however a client wrote it (settings refuse a name that two registries claim).
+        self._by_name = {name: r for r in registries for name in r.names}
         self._default = next((r for r in registries if r.default), None)
+
+    def image(self, text: str) -> Target:
+        """An image name as people write it (resource sets, the CLI):
+        `[registry/]repository[:tag][@digest]`; a first part that looks like a host (has '.' or ':',
+        or is localhost, as Docker reads it) must name a configured registry."""
+        name, reference = split_image_reference(text.strip())
+        first, sep, _ = name.partition("/")
+        if sep and first not in self._by_name and ("." in first or ":" in first or first == "localhost"):
+            raise NameUnknown(f"registry {first[:100]!r} is not configured on this mirror")
+        return self.route(f"{name}/manifests/{reference}", None)
 
     def route(self, rest: str, ns: str | None) -> Target:
         """`rest` is the path after /v2/; raises an OciError for anything not a valid pull."""
@@ -91,9 +104,24 @@ class Router:
                 raise NameUnknown("no registry named in the path and no default registry configured")
         if len(name) > _MAX_NAME or not _REPOSITORY.match(name):
             raise NameInvalid("invalid repository name")
-        if registry.name == "docker.io" and "/" not in name:
+        if registry.is_docker_hub and "/" not in name:
             name = f"library/{name}"
         return registry, name, prefix
+
+
+def split_image_reference(image: str) -> tuple[str, str]:
+    """docker.io/library/alpine:3.20 -> ("docker.io/library/alpine", "3.20"); a digest is the
+    reference when there is one (alpine:3.20@sha256:… -> ("alpine", "sha256:…")); no tag: latest."""
+    if "@" in image:
+        name, _, digest = image.partition("@")
+        if name.rfind(":") > name.rfind("/"):
+            name = name[: name.rfind(":")]  # the tag beside a digest only describes it
+        return name, digest
+    slash = image.rfind("/")
+    colon = image.rfind(":")
+    if colon > slash:
+        return image[:colon], image[colon + 1 :]
+    return image, "latest"
 
 
 def _split(rest: str) -> tuple[Kind, str, str]:

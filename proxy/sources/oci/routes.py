@@ -19,7 +19,7 @@ from proxy.http.paths import UnsafePath, decode_segments, raw_segments_after
 from proxy.sources.oci.errors import API_VERSION_HEADER, NameInvalid, OciError, Unsupported
 from proxy.sources.oci.hot import HotManifests
 from proxy.sources.oci.manifests import ALL_MANIFEST_TYPES, DOCKER_LIST, OCI_INDEX, SOURCE, ManifestService, parse_accept
-from proxy.sources.oci.names import Kind, Router, Target
+from proxy.sources.oci.names import Kind, Router, Target, split_image_reference
 from proxy.sources.oci.upstream import BlobTransport, RegistryClient
 from proxy.store.digest import Digest
 from proxy.store.janitor import TtlRule
@@ -63,8 +63,8 @@ class OciMirror:
     async def prefetch_image(self, image: str, platforms: Sequence[str]) -> list[tuple[str, int]]:
         """Fetch an image (the manifests for `platforms` of a multi-arch one, their configs and
         layers) into the cache; (digest, size) of everything it consists of."""
-        name, reference = split_image_reference(image)
-        target = self.router.route(f"{name}/manifests/{reference}", None)
+        name, _ = split_image_reference(image)
+        target = self.router.image(image)
         top = await self.manifests.get(target, ALL_MANIFEST_TYPES, method=None)
         fetched = [(str(top.digest), len(top.data))]
         manifests = [top]
@@ -75,7 +75,7 @@ class OciMirror:
                 platform = entry.get("platform", {})
                 label = "/".join(p for p in (platform.get("os"), platform.get("architecture"), platform.get("variant")) if p)
                 if any(label == wanted or label.startswith(wanted + "/") for wanted in platforms):
-                    child = self.router.route(f"{name}/manifests/{entry['digest']}", None)
+                    child = self.router.image(f"{name}@{entry['digest']}")
                     item = await self.manifests.get(child, ALL_MANIFEST_TYPES, method=None)
                     fetched.append((str(item.digest), len(item.data)))
                     manifests.append(item)
@@ -148,18 +148,6 @@ class OciMirror:
             headers["Link"] = re.sub(r"<(?:https?://[^/>]+)?/v2/", f"<{_mirror_v2(target)}", link, count=1)
         body = b"" if request.method == "HEAD" else upstream.content
         return Response(body, headers=headers, media_type=upstream.headers.get("content-type", "application/json"))
-
-
-def split_image_reference(image: str) -> tuple[str, str]:
-    """docker.io/library/alpine:3.20 -> ("docker.io/library/alpine", "3.20"); @sha256:… kept as the reference."""
-    if "@" in image:
-        name, _, digest = image.partition("@")
-        return name, digest
-    slash = image.rfind("/")
-    colon = image.rfind(":")
-    if colon > slash:
-        return image[:colon], image[colon + 1 :]
-    return image, "latest"
 
 
 def _checked_path(request: Request) -> str:
