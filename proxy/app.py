@@ -17,6 +17,7 @@ from starlette.types import ASGIApp
 from proxy import __version__
 from proxy.config import Settings
 from proxy.http.download import BlobTransport
+from proxy.http.offline import OfflineTransport
 from proxy.http.timing import RequestTiming
 from proxy.http.zerocopy import ZeroCopyMiddleware
 from proxy.sources.oci.hot import HotPath
@@ -37,20 +38,22 @@ log = logging.getLogger(__name__)
 USER_AGENT = f"pullthrough/{__version__}"
 
 
-def upstream_http_client(timeout: float = 60.0) -> httpx.AsyncClient:
-    """One pooled client for every upstream; redirects are followed per request."""
+def upstream_http_client(timeout: float = 60.0, *, offline: bool = False) -> httpx.AsyncClient:
+    """One pooled client for every upstream; redirects are followed per request. Offline, its
+    transport refuses every request, and no proxy from the environment is mounted beside it."""
     return httpx.AsyncClient(
         timeout=httpx.Timeout(connect=min(10.0, timeout), read=timeout, write=timeout, pool=30.0),
         limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
         headers={"User-Agent": USER_AGENT},
-        trust_env=True,
+        trust_env=not offline,
+        transport=OfflineTransport() if offline else None,
     )
 
 
 def purge_policy(settings: Settings) -> Policy:
     return Policy(
-        default_ttl=settings.default_ttl, rules=tuple(purge_rules(settings)), max_size=settings.max_size,
-        min_free=settings.min_free, forget=expiring_references(),
+        default_ttl=settings.default_ttl, rules=tuple(purge_rules(settings)), default_ttl_from=settings.ttl_from,
+        max_size=settings.max_size, min_free=settings.min_free, forget=expiring_references(),
     )
 
 
@@ -78,11 +81,11 @@ class Runtime:
         traffic = Traffic(index, node=settings.node_name, pools=pools, interval=settings.stats_interval)
         store = Store(
             settings.cache_dir, index, node=settings.node_name, events=traffic, pools=pools,
-            lease_seconds=settings.fill_lease, follow_streams=settings.follow_fills == "stream",
+            lease_seconds=settings.fill_lease, follow_streams=settings.follow_fills == "stream", offline=settings.offline,
         )
-        http = upstream_http_client(settings.upstream_timeout)
+        http = upstream_http_client(settings.upstream_timeout, offline=settings.offline)
         timeout = urllib3.Timeout(connect=min(10.0, settings.upstream_timeout), read=settings.upstream_timeout)
-        blob_transport = BlobTransport(user_agent=USER_AGENT, executor=pools.fills, timeout=timeout)
+        blob_transport = BlobTransport(user_agent=USER_AGENT, executor=pools.fills, timeout=timeout, offline=settings.offline)
         health = UpstreamHealth(traffic.registry)  # pullthrough_upstream_* beside the traffic metrics
         sources = build_sources(settings, store, http, blob_transport, health)
         return cls(
@@ -103,7 +106,9 @@ class Runtime:
         background; closed on the way out."""
         await self.start()
         background = [asyncio.create_task(self.purge_periodically(), name="janitor")]
-        if self.settings.prefetch_on_start and self.settings.resource_sets:
+        if self.settings.offline and self.settings.prefetch_on_start and self.settings.resource_sets:
+            log.info("offline: resource sets are not prefetched (they are served from what the cache holds)")
+        elif self.settings.prefetch_on_start and self.settings.resource_sets:
             background.append(asyncio.create_task(self.resource_sets.prefetch_all(), name="prefetch"))
         self.readiness.started = True
         try:

@@ -82,6 +82,10 @@ def _is_number(text: str) -> bool:
 
 Size = Annotated[int, BeforeValidator(parse_size)]
 
+# Where a purge lifetime (`ttl`, `default_ttl`) counts from: the last read (a blob read daily never
+# goes) or the download (the seed's "24 hours from the moment it is downloaded", however often read).
+TtlFrom = Literal["access", "download"]
+
 
 def _without_credentials(value: Any) -> Any:
     """An upstream URL names a host, never a user or password: those would reach metric labels,
@@ -111,6 +115,7 @@ class RegistryConfig(BaseModel):
     default: bool = False
     tag_ttl: Duration = 300.0
     ttl: Duration | None = None  # unused blobs from this registry are purged after this (default_ttl if unset)
+    ttl_from: TtlFrom | None = None  # what `ttl` counts from (the top-level ttl_from if unset)
     username: str | None = None
     password: SecretStr | None = None
     password_env: str | None = None
@@ -188,6 +193,7 @@ class HfConfig(BaseModel):
     revision_ttl: Duration = 300.0  # how long a branch or tag -> commit answer is trusted
     access_ttl: Duration = 60.0  # how long a caller's token is trusted for a gated or private repo
     ttl: Duration | None = None  # unused model files are purged after this (default_ttl if unset)
+    ttl_from: TtlFrom | None = None  # what `ttl` counts from (the top-level ttl_from if unset)
     token_env: str | None = None  # a service token for public repos' metadata, read from this variable
 
     @model_validator(mode="after")
@@ -231,6 +237,7 @@ class S3Config(BaseModel):
     secret_access_key_env: str | None = None
     object_ttl: Duration = 300.0  # how long key -> version is trusted before a HeadObject
     ttl: Duration | None = None  # unused objects are purged after this (default_ttl if unset)
+    ttl_from: TtlFrom | None = None  # what `ttl` counts from (the top-level ttl_from if unset)
     buckets: list[S3Bucket] = Field(default_factory=list)
 
     def bucket(self, name: str) -> S3Bucket | None:
@@ -366,6 +373,8 @@ class Settings(BaseSettings):
     cache_dir: Path = Path("/var/cache/pullthrough")
     database_url: str | None = None
     default_ttl: Duration = 86400.0
+    ttl_from: TtlFrom = "access"  # what default_ttl (and every ttl without its own) counts from: last read or download
+    offline: bool = False  # serve only from the cache: no upstream is ever asked, a miss is the protocol's error
     max_size: Size | None = None  # evict least recently used blobs above this
     min_free: Size | None = None  # and while the cache's file system has less free space than this
     purge_interval: Duration = 600.0

@@ -21,6 +21,8 @@ import urllib3
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 from tenacity.wait import wait_base
 
+from proxy.http.offline import Offline
+
 T = TypeVar("T")
 
 TIMEOUT = urllib3.Timeout(connect=10.0, read=60.0)
@@ -171,8 +173,11 @@ class BlobTransport:
 
     MAX_REDIRECTS = 5
 
-    def __init__(self, user_agent: str, executor: Executor | None = None, timeout: urllib3.Timeout = TIMEOUT) -> None:
+    def __init__(
+        self, user_agent: str, executor: Executor | None = None, timeout: urllib3.Timeout = TIMEOUT, *, offline: bool = False
+    ) -> None:
         self._user_agent = user_agent
+        self._offline = offline  # offline = true: every GET is refused before a connection is made
         self._timeout = timeout
         self._executor = executor
         self._direct = urllib3.PoolManager(num_pools=64, maxsize=16, retries=False)
@@ -191,7 +196,10 @@ class BlobTransport:
         return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(call, *args))
 
     def get(self, url: str, authorization: str | None, admit: Admit | None = None) -> urllib3.BaseHTTPResponse:
-        """Blocking: the response of the first non-redirect hop, body unread; TransferFailed if none."""
+        """Blocking: the response of the first non-redirect hop, body unread; TransferFailed if none
+        (Offline when the mirror is offline)."""
+        if self._offline:
+            raise Offline(urlsplit(url).hostname or "")
         try:
             return self._get(url, authorization, admit)
         except (urllib3.exceptions.HTTPError, OSError) as exc:

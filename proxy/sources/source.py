@@ -13,7 +13,7 @@ from typing import Protocol
 import httpx
 from starlette.routing import BaseRoute
 
-from proxy.config import Settings
+from proxy.config import Settings, TtlFrom
 from proxy.http.download import BlobTransport
 from proxy.resources import Fetched, Resource, ResourceError, ResourceKind
 from proxy.store.janitor import TtlRule
@@ -83,6 +83,14 @@ def source_classes() -> list[type[Source]]:
 def purge_rules(settings: Settings) -> list[TtlRule]:
     """Every source's purge rules, from the settings alone (`pullthrough purge` runs no source)."""
     return [rule for cls in source_classes() for rule in cls.purge_rules(settings)]
+
+
+def ttl_rule(settings: Settings, source: str, upstream: str | None, ttl: float | None, ttl_from: TtlFrom | None) -> list[TtlRule]:
+    """The rule for a source's (or registry's) own `ttl` or `ttl_from`, each defaulting to the
+    top-level one; none when it sets neither (the default rule covers it)."""
+    if ttl is None and ttl_from is None:
+        return []
+    return [TtlRule(source, upstream, settings.default_ttl if ttl is None else ttl, ttl_from or settings.ttl_from)]
 
 
 def expiring_references() -> tuple[str, ...]:

@@ -1,6 +1,7 @@
 """One revalidation policy for every mutable name: fresh, else revalidate cheaply, else serve stale
 and say so. Tags, HF revisions and API answers, access answers, S3 keys and web URLs all go
-through `Freshness.resolve`; each source only says how to ask its upstream.
+through `Freshness.resolve`; each source only says how to ask its upstream. Offline, every answer
+held is fresh, and only a name never answered is asked for (the upstream clients refuse it).
 """
 
 from __future__ import annotations
@@ -59,8 +60,9 @@ class Freshness:
     """Resolves names through a reference store (the index, or memory for answers that must never
     reach the disk), with one upstream question at a time per name."""
 
-    def __init__(self, refs: ReferenceStore) -> None:
+    def __init__(self, refs: ReferenceStore, *, offline: bool = False) -> None:
         self._refs = refs
+        self.offline = offline
         self._flights: SingleFlight[Reference] = SingleFlight()
 
     async def resolve(
@@ -76,9 +78,10 @@ class Freshness:
         """The reference for (source, key): the cached one while fresh (and usable), else what
         `revalidate` finds now (given the previous reference, for its validators), kept for `ttl`
         seconds (None: forever). When `revalidate` raises UpstreamUnreachable and `stale` allows,
-        the last usable reference is returned, marked stale; anything else it raises propagates."""
+        the last usable reference is returned, marked stale; anything else it raises propagates.
+        Offline, a usable reference is returned however old, without a question upstream."""
         ref = await self._refs.get(source, key)
-        if ref is not None and ref.is_fresh() and (usable is None or await usable(ref)):
+        if ref is not None and (ref.is_fresh() or self.offline) and (usable is None or await usable(ref)):
             return Resolved(ref, asked=False)
         try:
             renewed = await self._flights.run((source, key), lambda: self._renew(source, key, ttl, ref, revalidate))

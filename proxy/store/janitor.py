@@ -1,8 +1,9 @@
 """The janitor: TTL and size purges, the orphan sweep, and the integrity scrub.
 
-TTLs count from the last access, per source and upstream where configured; the size cap and
-the free-space floor evict least recently used blobs first; pinned blobs never go, nor anything
-read within the grace period. Rows go before files, and the sweep reconciles both after any
+TTLs count from the last access or, where a rule says so, from the download, per source and
+upstream where configured; the size cap and the free-space floor evict least recently used blobs
+first; pinned blobs never go, nor anything read within the grace period (except past a lifetime
+counted from the download, which no amount of reading extends). Rows go before files, and the sweep reconciles both after any
 crash: a file without a row is adopted (files reach blobs/ only after verification), a row
 without a file is dropped. Everything here blocks; the server runs it in a worker thread.
 """
@@ -19,6 +20,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Literal
 
 from proxy.store.blobs import BlobStore
 from proxy.store.digest import Digest, InvalidDigest
@@ -35,19 +37,26 @@ UNBACKED_SCOPE_SECONDS = 86400.0  # a manifest listed layers a day ago that nobo
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
+TtlFrom = Literal["access", "download"]
+
+
 @dataclass(frozen=True)
 class TtlRule:
-    """Blobs of one source (and upstream, if given) unused for `ttl` seconds are purged."""
+    """Blobs of one source (and upstream, if given) are purged `ttl` seconds after their last
+    access, or after their download (the index row's `created_at`: the commit, or the sweep's
+    adoption of a file found without a row) when `ttl_from` is "download"."""
 
     source: str
     upstream: str | None
     ttl: float
+    ttl_from: TtlFrom = "access"
 
 
 @dataclass(frozen=True)
 class Policy:
     default_ttl: float
     rules: tuple[TtlRule, ...] = ()
+    default_ttl_from: TtlFrom = "access"  # for blobs no rule names
     max_size: int | None = None
     min_free: int | None = None
     grace: float = 120.0  # never remove what was read this recently (a reader may be opening it)
@@ -159,16 +168,38 @@ class Janitor:
             return self._all_unused_since(now - older_than, None, None, [])
         found: list[tuple[str, int]] = []
         for rule in self.policy.rules:
-            found += self._all_unused_since(now - rule.ttl, rule.source, rule.upstream, [])
+            found += self._past_lifetime(now - rule.ttl, rule.ttl_from, rule.source, rule.upstream, [])
         exclude = [(r.source, r.upstream) for r in self.policy.rules]
-        found += self._all_unused_since(now - self.policy.default_ttl, None, None, exclude)
+        found += self._past_lifetime(now - self.policy.default_ttl, self.policy.default_ttl_from, None, None, exclude)
         return found
+
+    def _past_lifetime(
+        self, cutoff: float, ttl_from: TtlFrom, source: str | None, upstream: str | None,
+        exclude: list[tuple[str | None, str | None]],
+    ) -> list[tuple[str, int]]:
+        if ttl_from == "download":
+            # No last-access grace here: a blob read every minute would otherwise never reach the
+            # end of a lifetime that counts from its download, which is the point of the rule. The
+            # grace guards a reader that has found the file but not opened it yet; every response
+            # reads through a descriptor of its own, and files are unlinked, never truncated, so a
+            # reader that holds the file finishes it. What is lost is only a request caught between
+            # its stat and its open (it fails, and the client's retry fetches the blob again), and,
+            # on a cache shared over NFS, a read in progress on another node (NFS has no unlinked-
+            # but-open files across clients): the price of a lifetime nobody's reads can extend.
+            return self._all_downloaded_before(cutoff, source, upstream, exclude)
+        return self._all_unused_since(cutoff, source, upstream, exclude)
 
     def _all_unused_since(
         self, cutoff: float, source: str | None, upstream: str | None, exclude: list[tuple[str | None, str | None]]
     ) -> list[tuple[str, int]]:
         cutoff = min(cutoff, time.time() - self.policy.grace)
         return self.index.blobs.unused_since(cutoff, source=source, upstream=upstream, exclude=exclude, limit=10**9)
+
+    def _all_downloaded_before(
+        self, cutoff: float, source: str | None, upstream: str | None, exclude: list[tuple[str | None, str | None]]
+    ) -> list[tuple[str, int]]:
+        cutoff = min(cutoff, time.time() - self.policy.grace)  # never a blob committed this instant
+        return self.index.blobs.downloaded_before(cutoff, source=source, upstream=upstream, exclude=exclude, limit=10**9)
 
     def _over_capacity(self, now: float, to_size: int | None, chosen: dict[str, int]) -> list[tuple[str, int]]:
         cap = to_size if to_size is not None else self.policy.max_size

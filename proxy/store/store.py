@@ -63,6 +63,7 @@ class Store:
         lease_seconds: float | None = 15.0,
         follow_streams: bool = True,
         small_object_bytes: int = 64 * 1024 * 1024,
+        offline: bool = False,
     ) -> None:
         self.files = BlobStore(root, node_id=node)
         self.index = index
@@ -75,7 +76,7 @@ class Store:
         self._in_use = BlobsInUse()
         self._access = AccessLog()
         self.refs = References(index, self.pools)
-        self.freshness = Freshness(self.refs)
+        self.freshness = Freshness(self.refs, offline=offline)
         self.scopes = Scopes(index, self.pools)
         self.small_objects = SmallObjects(
             self.files, index, self.pools, self.scopes, self.freshness, self._events, self._access, small_object_bytes

@@ -34,6 +34,8 @@ class AccessGuard:
         self._client = client
         self._store = store
         # Decisions are bound to a caller's token: memory only, never the index.
+        # Not trusted past access_ttl when offline either: the Hub cannot be asked, so a gated or private
+        # repo's files are refused (fail closed) rather than served to a token that may be revoked.
         self._decisions = Freshness(MemoryReferences(max_items=10_000))
 
     async def check(self, repo: Repo, token: str | None, *, files: bool) -> None:

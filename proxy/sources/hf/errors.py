@@ -75,6 +75,13 @@ class HubUnavailable(HfError, UpstreamUnreachable):
         super().__init__(503, message)
 
 
+class HubOffline(HubUnavailable):
+    """offline = true, and the cache does not hold what was asked: the Hub's 503, with the reason in
+    X-Error-Message (huggingface_hub shows it, and falls back to its own local cache as it does for
+    an unreachable Hub). No X-Error-Code: the Hub has none for this, and a made-up one would only be
+    a generic HTTP error to the client anyway."""
+
+
 class BadRequest(HfError):
     def __init__(self, message: str) -> None:
         super().__init__(400, message, code="BadRequest")

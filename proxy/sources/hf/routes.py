@@ -22,6 +22,7 @@ from proxy.sources.hf.errors import HfError, HubUnavailable, NotFound, UpstreamH
 from proxy.sources.hf.files import MISSING, FileService
 from proxy.sources.hf.names import REPO_TYPES, Repo, parse_file_path, parse_repo, parse_revision, quote_revision, raw_segments
 from proxy.sources.hf.upstream import HubClient
+from proxy.sources.source import ttl_rule
 from proxy.store.janitor import TtlRule
 from proxy.store.records import Reference
 from proxy.store.store import Store
@@ -51,7 +52,7 @@ class HfMirror:
 
     @staticmethod
     def purge_rules(settings: Settings) -> list[TtlRule]:
-        return [TtlRule("hf", urlsplit(settings.hf.url).netloc, settings.hf.ttl)] if settings.hf.ttl is not None else []
+        return ttl_rule(settings, "hf", urlsplit(settings.hf.url).netloc, settings.hf.ttl, settings.hf.ttl_from)
 
     async def aclose(self) -> None:
         pass

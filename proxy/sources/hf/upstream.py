@@ -18,7 +18,9 @@ from proxy.http.download import (
     ATTEMPTS, BlobDownload, BlobTransport, RetryableAnswer, TransferFailed, check_retryable, retrying,
 )
 from proxy.http.bounded import TooLarge, send_bounded
-from proxy.sources.hf.errors import HfError, HubUnavailable, UpstreamHfError
+from proxy.http.offline import MESSAGE as OFFLINE
+from proxy.http.offline import Offline
+from proxy.sources.hf.errors import HfError, HubOffline, HubUnavailable, UpstreamHfError
 from proxy.sources.hf.names import Repo, quote_path, quote_revision
 from proxy.upstreams import Failure, UpstreamHealth, classify, status_failure
 
@@ -27,6 +29,11 @@ MAX_ANSWER = 32 * 1024 * 1024  # an API answer (a tree page, a paths-info) is he
 # After the Hub failed, requests fail at once for this long instead of each retrying: cached
 # answers are served without a second's wait per file during an outage.
 OUTAGE_SECONDS = 10.0
+
+
+def _offline(what: str) -> HubOffline:
+    """The transports refused (offline = true): the cache did not hold what the caller asked."""
+    return HubOffline(f"{OFFLINE}; {what[:300]} is not in it")
 
 
 def bearer(token: str | None) -> dict[str, str]:
@@ -100,6 +107,8 @@ class HubClient:
                     response, body = await self._open(url, authorization)
         except TransferFailed as exc:
             raise self._outage(classify(exc)) from None
+        except Offline:
+            raise _offline(f"{repo.url_prefix}{repo.id}@{commit}/{path}") from None
         except RetryableAnswer as answer:  # counted already
             response, body = answer.response, answer.content
         else:
@@ -170,6 +179,8 @@ class HubClient:
                     response = await self._send_once(method, url, headers, params, content, follow)
         except httpx.TransportError as exc:
             raise self._outage(classify(exc)) from None
+        except Offline:
+            raise _offline(urlsplit(url).path) from None
         except RetryableAnswer as answer:
             raise self._rejected(answer.status) from None
         failure = status_failure(response.status_code)

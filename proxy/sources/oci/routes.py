@@ -22,6 +22,7 @@ from proxy.sources.oci.manifests import ALL_MANIFEST_TYPES, DOCKER_LIST, OCI_IND
 from proxy.sources.oci.names import Kind, Router, Target, split_image_reference
 from proxy.sources.oci.upstream import BlobTransport, RegistryClient
 from proxy.store.digest import Digest
+from proxy.sources.source import ttl_rule
 from proxy.store.janitor import TtlRule
 from proxy.store.store import Store
 from proxy.upstreams import UpstreamHealth
@@ -49,7 +50,7 @@ class OciMirror:
 
     @staticmethod
     def purge_rules(settings: Settings) -> list[TtlRule]:
-        return [TtlRule(SOURCE, r.name, r.ttl) for r in settings.registries if r.ttl is not None]
+        return [rule for r in settings.registries for rule in ttl_rule(settings, SOURCE, r.name, r.ttl, r.ttl_from)]
 
     async def aclose(self) -> None:
         pass

@@ -22,6 +22,8 @@ import urllib3
 from proxy.config import RegistryConfig
 from proxy.http.bounded import TooLarge, send_bounded
 from proxy.http.download import BlobDownload, BlobTransport, RetryableAnswer, TransferFailed, check_retryable, retrying
+from proxy.http.offline import MESSAGE as OFFLINE
+from proxy.http.offline import Offline
 from proxy.sources.oci.errors import (
     BY_CODE,
     BlobUnknown,
@@ -130,6 +132,8 @@ class RegistryClient:
             raise self._unreachable(exc) from None
         except RetryableAnswer as answer:
             raise self._gave_up(answer, answer.content, BlobUnknown) from None
+        except Offline:
+            raise self._offline(BlobUnknown, repository, f"blobs/{digest}") from None
         self._health.status(self.upstream, response.status)
         if 200 <= response.status < 300:
             return BlobDownload(response)
@@ -188,6 +192,8 @@ class RegistryClient:
             raise self._unreachable(exc) from None
         except RetryableAnswer as answer:
             raise self._gave_up(answer, b"" if method == "HEAD" else answer.content, missing) from None
+        except Offline:
+            raise self._offline(missing, repository, path) from None
         self._health.status(self.upstream, response.status_code)
         if response.is_success:
             return response
@@ -208,6 +214,16 @@ class RegistryClient:
         failure = classify(exc)
         self._health.down(self.upstream, failure)
         return UpstreamUnavailable(f"{what}{self.registry.name} unreachable: {failure.summary}")
+
+    def _offline(self, missing: type[OciError], repository: str, path: str) -> OciError:
+        """The transports refused (offline = true): the cache does not hold what the client asked.
+
+        A 404 MANIFEST_UNKNOWN or BLOB_UNKNOWN whose message says so, not a 503: clients built on
+        distribution's client (docker, skopeo, podman, CRI-O) show an error body only for a 4xx, so
+        a 503 reached the user as a bare "503 Service Unavailable"; dockerd retries a 5xx layer five
+        times and fails a 404 at once; containerd tries its next host on either. Nothing remembers
+        the answer (no negative caching), so the same name is served once the cache holds it."""
+        return missing(f"{OFFLINE}; {self.registry.name}/{repository}/{path[:100]} is not in it")
 
     def _gave_up(self, answer: RetryableAnswer, content: bytes, missing: type[OciError]) -> OciError:
         failure = status_failure(answer.status)

@@ -16,6 +16,7 @@ import botocore.exceptions
 from botocore.config import Config
 
 from proxy.config import S3Bucket, S3Config
+from proxy.http.offline import MESSAGE as OFFLINE
 from proxy.sources.objects import ObjectError, Unreachable
 from proxy.upstreams import UpstreamHealth, classify, status_failure
 
@@ -44,8 +45,9 @@ class S3Body:
 class S3Clients:
     """Long-lived clients per bucket (a client per request would cost a TLS handshake each)."""
 
-    def __init__(self, config: S3Config, health: UpstreamHealth | None = None) -> None:
+    def __init__(self, config: S3Config, health: UpstreamHealth | None = None, *, offline: bool = False) -> None:
         self._config = config
+        self._offline = offline  # offline = true: no client is made, every call is refused
         self._health = health or UpstreamHealth()
         for bucket in config.buckets:
             self._health.watch(self.upstream(bucket))
@@ -54,6 +56,9 @@ class S3Clients:
         self._clients: dict[str, Any] = {}
 
     async def client(self, bucket: S3Bucket) -> Any:
+        """The bucket's client: the one way to the endpoint, so that offline it is refused here."""
+        if self._offline:
+            raise Unreachable(f"{OFFLINE}; s3://{bucket.name} was not asked")
         if bucket.name not in self._clients:
             client = self._session.client("s3", config=_CLIENT_CONFIG, **self._config.credentials(bucket))
             self._clients[bucket.name] = await self._stack.enter_async_context(client)

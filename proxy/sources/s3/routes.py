@@ -25,6 +25,7 @@ from proxy.http.paths import UnsafePath, decode_segment, raw_segments_after
 from proxy.resources import Fetched, FetchedFile, Resource, ResourceKind
 from proxy.sources.objects import ObjectError, ObjectMirror, ObjectName, Version, translate
 from proxy.store.blobs import BlobFile
+from proxy.sources.source import ttl_rule
 from proxy.store.janitor import TtlRule
 from proxy.store.memo import SmallObject
 from proxy.store.records import Origin, ReadScope
@@ -56,7 +57,7 @@ class S3Mirror:
         if config.buckets:  # aioboto3 and botocore weigh about 25 MiB: loaded only for a configured [s3]
             from proxy.sources.s3.client import S3Clients
 
-            self._clients = S3Clients(config, health)
+            self._clients = S3Clients(config, health, offline=settings.offline)
         self._store = store
         self._objects = ObjectMirror(store, SOURCE)
 
@@ -75,7 +76,7 @@ class S3Mirror:
 
     @staticmethod
     def purge_rules(settings: Settings) -> list[TtlRule]:
-        return [TtlRule(SOURCE, None, settings.s3.ttl)] if settings.s3.ttl is not None else []
+        return ttl_rule(settings, SOURCE, None, settings.s3.ttl, settings.s3.ttl_from)
 
     async def prefetch(self, resource: Resource, platforms: Sequence[str]) -> Fetched:
         objects = await self.prefetch_url(resource.url)

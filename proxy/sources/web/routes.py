@@ -23,6 +23,8 @@ from starlette.routing import BaseRoute, Route
 
 from proxy.config import Settings
 from proxy.http.download import Admit, BlobDownload, BlobTransport, RedirectRefused, TransferFailed
+from proxy.http.offline import MESSAGE as OFFLINE
+from proxy.http.offline import Offline
 from proxy.http.paths import UnsafePath, decode_segment, quote_segments, raw_path
 from proxy.resources import Fetched, FetchedFile, Resource, ResourceKind
 from proxy.sources.objects import ObjectError, ObjectMirror, ObjectName, Unreachable, Version
@@ -163,6 +165,8 @@ class WebMirror:
             except httpx.TransportError as exc:
                 failure = self._health.gave_up(upstream, classify(exc))
                 raise Unreachable(f"{host} is unreachable: {failure.summary}") from None
+            except Offline:
+                raise _offline(url) from None
             location = response.headers.get("location")
             if not response.is_redirect or not location:
                 self._health.status(upstream, response.status_code)
@@ -180,6 +184,8 @@ class WebMirror:
         except TransferFailed as exc:
             failure = self._health.gave_up(upstream, classify(exc))
             raise Unreachable(f"{host} is unreachable: {failure.summary}") from None
+        except Offline:
+            raise _offline(url) from None
         except RedirectRefused:
             raise ObjectError(502, "RedirectRefused", f"{host} redirected outside what this mirror fetches") from None
         self._health.status(upstream, response.status)
@@ -264,6 +270,11 @@ class WebMirror:
 
     def _ipfs_name(self, key: str) -> ObjectName:
         return ObjectName(key, ReadScope.ipfs(), Origin("ipfs", "gateways"), None, lambda: self.probe_ipfs(key))
+
+
+def _offline(url: str) -> Unreachable:
+    """The transports refused (offline = true): the cache did not hold the URL's answer."""
+    return Unreachable(f"{OFFLINE}; {url.split('?', 1)[0][:200]} is not in it")
 
 
 def _under(url: str, prefix: str) -> bool:

@@ -6,7 +6,7 @@ import time
 from collections.abc import Iterable, Mapping
 
 from sqlalchemy import Engine, and_, bindparam, case, delete, func, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from proxy.store.index.engine import insert_for
 from proxy.store.index.models import BlobRow, BlobScopeRow, PinRow
@@ -83,7 +83,19 @@ class BlobIndex:
     ) -> list[tuple[str, int]]:
         """Unpinned blobs last read before `cutoff`: those of one (source, upstream), or with None
         for both, every blob not of an `exclude`d pair (the default rule)."""
-        query = select(BlobRow.digest, BlobRow.size).where(BlobRow.last_access < cutoff, ~BlobRow.digest.in_(select(PinRow.digest)))
+        return self._unpinned_before(BlobRow.last_access, cutoff, source=source, upstream=upstream, exclude=exclude, limit=limit)
+
+    def downloaded_before(
+        self, cutoff: float, *, source: str | None, upstream: str | None, exclude: list[tuple[str | None, str | None]], limit: int
+    ) -> list[tuple[str, int]]:
+        """As `unused_since`, by the row's creation (the commit of the download) instead of the last read."""
+        return self._unpinned_before(BlobRow.created_at, cutoff, source=source, upstream=upstream, exclude=exclude, limit=limit)
+
+    def _unpinned_before(
+        self, column: InstrumentedAttribute[float], cutoff: float, *, source: str | None, upstream: str | None,
+        exclude: list[tuple[str | None, str | None]], limit: int,
+    ) -> list[tuple[str, int]]:
+        query = select(BlobRow.digest, BlobRow.size).where(column < cutoff, ~BlobRow.digest.in_(select(PinRow.digest)))
         if source is not None:
             query = query.where(BlobRow.source == source)
             if upstream is not None:
@@ -95,7 +107,7 @@ class BlobIndex:
                     pair = and_(pair, BlobRow.upstream == ex_upstream)
                 query = query.where(or_(BlobRow.source.is_(None), ~pair))
         with Session(self.engine) as session:
-            return [(d, s) for d, s in session.execute(query.order_by(BlobRow.last_access).limit(limit))]
+            return [(d, s) for d, s in session.execute(query.order_by(column).limit(limit))]
 
     def least_recently_used(self, *, accessed_before: float, limit: int) -> list[tuple[str, int]]:
         """Unpinned blobs, least recently read first."""
