@@ -3,6 +3,8 @@ moment it is downloaded") beside those that count from the last read (`"access"`
 
 from __future__ import annotations
 
+import hashlib
+import os
 import time
 from pathlib import Path
 
@@ -11,6 +13,7 @@ from sqlalchemy import update
 
 from proxy.app import purge_policy
 from proxy.config import load_settings
+from proxy.store.digest import Digest
 from proxy.store.index import make_engine
 from proxy.store.index.models import BlobRow
 from proxy.store.janitor import Janitor, Policy, TtlRule
@@ -63,6 +66,18 @@ def test_a_registrys_ttl_from_overrides_the_default(cache: Cache) -> None:
     Janitor(cache.store, cache.index, policy).purge()
     assert not cache.present(hub)
     assert cache.present(ghcr)  # the default rule counts from the last read
+
+
+def test_a_file_the_sweep_adopts_keeps_its_download_time(cache: Cache) -> None:
+    data = b"committed two days ago; its row was lost in a crash"
+    digest = Digest.from_hex(hashlib.sha256(data).hexdigest())
+    cache.store.put_bytes(data, digest)
+    two_days_ago = time.time() - 2 * DAY
+    os.utime(cache.store.path_for(digest), (two_days_ago, two_days_ago))
+    janitor = Janitor(cache.store, cache.index, Policy(default_ttl=DAY, default_ttl_from="download"), adopt_after=0)
+    result = janitor.purge()
+    assert result.orphan_files == 1 and [d for d, _ in result.removed] == [str(digest)]
+    assert not cache.present(str(digest))
 
 
 def test_settings_make_one_rule_per_source_that_sets_ttl_or_ttl_from(tmp_path: Path) -> None:

@@ -43,8 +43,8 @@ TtlFrom = Literal["access", "download"]
 @dataclass(frozen=True)
 class TtlRule:
     """Blobs of one source (and upstream, if given) are purged `ttl` seconds after their last
-    access, or after their download (the index row's `created_at`: the commit, or the sweep's
-    adoption of a file found without a row) when `ttl_from` is "download"."""
+    access, or after their download (the index row's `created_at`: the commit, or for a file the
+    sweep found without a row, the file's last write) when `ttl_from` is "download"."""
 
     source: str
     upstream: str | None
@@ -261,7 +261,9 @@ class Janitor:
                 continue  # purged since the listing
             if stat.st_ctime > settled_before:
                 continue
-            self.index.blobs.add(digest, stat.st_size, source="unknown", upstream="unknown")
+            # Downloaded when its file was last written (before the rename), not now: a lifetime that
+            # counts from the download must not start again because a crash lost the file's row.
+            self.index.blobs.add(digest, stat.st_size, source="unknown", upstream="unknown", created_at=stat.st_mtime)
             adopted += 1
         dangling = [d for d in indexed if d not in on_disk]
         if dangling:

@@ -29,11 +29,15 @@ class BlobIndex:
         self._insert = insert_for(engine)
 
     def add(
-        self, digest: str, size: int, media_type: str | None = None, *, source: str | None = None, upstream: str | None = None
+        self, digest: str, size: int, media_type: str | None = None, *, source: str | None = None, upstream: str | None = None,
+        created_at: float | None = None,
     ) -> None:
+        """A committed blob's row; `created_at` (default now) is when it was downloaded, which a
+        lifetime counted from the download starts at."""
         now = time.time()
         stmt = self._insert(BlobRow).values(
-            digest=digest, size=size, media_type=media_type, created_at=now, last_access=now, hits=0,
+            digest=digest, size=size, media_type=media_type, created_at=now if created_at is None else created_at,
+            last_access=now, hits=0,
             source=source, upstream=upstream,
         )
         # A row the sweep adopted ("unknown": it found the file before the committer's row, e.g.
