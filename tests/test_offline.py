@@ -121,3 +121,40 @@ def test_an_offline_cache_serves_cached_model_files_and_the_hubs_error_for_the_r
         assert hub.hits() == [], "an offline mirror asked the Hub"
     finally:
         pt.stop()
+
+
+def test_an_offline_cache_serves_cached_web_and_s3_objects_and_unavailable_for_the_rest(
+    origin, pullthrough, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    from tests.servers.moto import MotoS3
+    from tests.test_sources import s3_config, wait_committed
+
+    server, root = origin
+    cached, never = os.urandom(100_000), os.urandom(1000)
+    (root / "models" / "cached.bin").write_bytes(cached)
+    (root / "models" / "never.bin").write_bytes(never)
+    s3 = MotoS3.start()
+    try:
+        s3.client().create_bucket(Bucket="models")
+        s3.client().put_object(Bucket="models", Key="cached.bin", Body=cached[:5000])
+        s3.client().put_object(Bucket="models", Key="never.bin", Body=never)
+        # ttl 0s: online, every GET revalidates; offline, the cached versions must answer alone.
+        settings = {"web": {"allow": [f"{server.url}/models/"], "ttl": "0s"}, "s3": s3_config(s3, object_ttl="0s")}
+        online = pullthrough(**settings)
+        assert httpx.get(f"{online.url}/web/{server.url}/models/cached.bin", timeout=30).content == cached
+        assert httpx.get(f"{online.url}/s3/models/cached.bin", timeout=30).content == cached[:5000]
+        wait_committed(online, cached)
+        wait_committed(online, cached[:5000])
+        online.stop()
+        seen = len(server.requests())
+
+        pt = pullthrough(cache_dir=online.cache_dir, database_url=online.database_url, offline=True, **settings)
+        assert httpx.get(f"{pt.url}/web/{server.url}/models/cached.bin", timeout=30).content == cached
+        assert httpx.get(f"{pt.url}/s3/models/cached.bin", timeout=30).content == cached[:5000]
+        for path in (f"/web/{server.url}/models/never.bin", "/s3/models/never.bin"):
+            response = httpx.get(f"{pt.url}{path}", timeout=30)
+            assert response.status_code == 503 and response.json()["error"] == "Unavailable", (path, response.text)
+            assert "offline" in response.json()["message"], response.text
+        assert len(server.requests()) == seen, "an offline mirror asked the web origin"
+    finally:
+        s3.stop()
