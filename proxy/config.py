@@ -222,6 +222,16 @@ class S3Bucket(BaseModel):
     access_key_id_env: str | None = None
     secret_access_key: SecretStr | None = None
     secret_access_key_env: str | None = None
+    # A public bucket: requests go unsigned, so no key (the section's, or the AWS chain's: the
+    # node's own role) is ever shown to a bucket someone else owns.
+    anonymous: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> S3Bucket:
+        own_keys = (self.access_key_id, self.access_key_id_env, self.secret_access_key, self.secret_access_key_env)
+        if self.anonymous and any(value is not None for value in own_keys):
+            raise ValueError("an anonymous bucket takes no keys")
+        return self
 
 
 class S3Config(BaseModel):
@@ -253,6 +263,8 @@ class S3Config(BaseModel):
         endpoint = bucket.endpoint_url or self.endpoint_url
         if endpoint:
             args["endpoint_url"] = endpoint
+        if bucket.anonymous:
+            return args  # unsigned (S3Clients): no keys
         if key_id and secret:
             args["aws_access_key_id"], args["aws_secret_access_key"] = key_id, secret
         return args

@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 import aioboto3
 import botocore.exceptions
+from botocore import UNSIGNED
 from botocore.config import Config
 
 from proxy.config import S3Bucket, S3Config
@@ -22,6 +23,7 @@ from proxy.upstreams import UpstreamHealth, classify, status_failure
 
 MAX_LISTED = 100_000  # a listing is held whole (and cached): a model's folder, not a bucket of millions
 _CLIENT_CONFIG = Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=10, read_timeout=60)
+_ANONYMOUS_CONFIG = _CLIENT_CONFIG.merge(Config(signature_version=UNSIGNED))  # public buckets: no signature, no key
 
 
 class S3Body:
@@ -60,7 +62,8 @@ class S3Clients:
         if self._offline:
             raise Unreachable(f"{OFFLINE}; s3://{bucket.name} was not asked")
         if bucket.name not in self._clients:
-            client = self._session.client("s3", config=_CLIENT_CONFIG, **self._config.credentials(bucket))
+            config = _ANONYMOUS_CONFIG if bucket.anonymous else _CLIENT_CONFIG
+            client = self._session.client("s3", config=config, **self._config.credentials(bucket))
             self._clients[bucket.name] = await self._stack.enter_async_context(client)
         return self._clients[bucket.name]
 
