@@ -108,15 +108,14 @@ async def _serve(settings: Settings, listener: socket.socket) -> None:
 
 
 def _cause(exc: BaseException, settings: Settings) -> str:
-    """One line on why the runtime could not start (the index, most often), without secrets."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+    """One line on why the runtime could not start (the index, most often), without secrets: the
+    same words the other commands use for the index (proxy/offline.py)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from proxy.offline import database_cause, safe_url
 
     if isinstance(exc, SQLAlchemyError):
-        url = make_url(settings.effective_database_url).render_as_string(hide_password=True)
-        detail = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
-        lines = [line.strip() for line in str(detail).splitlines() if line.strip()]
-        return f"the index at {url} does not answer: {lines[0] if lines else type(exc).__name__}"
+        return f"the index at {safe_url(settings.effective_database_url)} does not answer: {database_cause(exc)}"
     if isinstance(exc, OSError):
         return f"{exc.filename or settings.cache_dir}: {exc.strerror or exc}"
     return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
