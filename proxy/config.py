@@ -125,6 +125,9 @@ class RegistryConfig(BaseModel):
     # Other names clients may use for this registry (in image names, ?ns= and path prefixes). A
     # registry named docker.io has Docker's own unless it sets them: DOCKER_HUB_ALIASES.
     aliases: tuple[str, ...] = ()
+    # How long a referrers list (OCI 1.1, GET /v2/<name>/referrers/<digest>) is trusted before it is
+    # asked again: a signature or SBOM pushed later must show up soon.
+    referrers_ttl: Duration = 60.0
 
     @model_validator(mode="before")
     @classmethod
@@ -331,11 +334,19 @@ class ResourceSet(BaseModel):
     images: list[str] = Field(default_factory=list)
     remote: list[RemoteResource] = Field(default_factory=list)
     platforms: list[str] = Field(default_factory=lambda: ["linux/amd64"])  # of multi-arch images
+    # A subscription: the market's published listing (JSON in the seed's shape), read on start and
+    # every `refresh`; what it lists joins `images` and `remote`, what leaves it is unpinned.
+    url: UpstreamUrl | None = None
+    refresh: Duration = 600.0
 
     @model_validator(mode="after")
     def _check(self) -> ResourceSet:
         if not re.match(r"^[A-Za-z0-9._-]{1,128}$", self.name):
             raise ValueError(f"resource set name {self.name!r} may hold letters, digits, . _ - only")
+        if self.url is not None and not re.match(r"^https?://[^/\s]+", self.url):
+            raise ValueError(f"resource set url {self.url!r} must be http(s)://host/path")
+        if self.refresh < 1:
+            raise ValueError("a resource set's refresh is at least 1s")
         return self
 
 
