@@ -121,7 +121,7 @@ class ManifestService:
         # registry's own (an old client that takes no index): ask with its Accept and keep the
         # answer by digest only, not as the tag.
         response = await self._clients[target.registry.name].get_manifest(target.repository, target.reference, accept)
-        data = _checked_size(response.content)
+        data = checked_size(response.content)
         digest = _header_digest(response) or Digest.from_hex(hashlib.sha256(data).hexdigest())
 
         async def fetched() -> tuple[bytes, str | None]:
@@ -140,7 +140,7 @@ class ManifestService:
 
     async def _fetch(self, target: Target, reference: str, accept: list[str]) -> tuple[bytes, str | None]:
         response = await self._clients[target.registry.name].get_manifest(target.repository, reference, accept)
-        data = _checked_size(response.content)
+        data = checked_size(response.content)
         return data, _media_type(response, data)
 
     async def _link_contents(self, scope: ReadScope, item: SmallObject) -> None:
@@ -180,9 +180,9 @@ def referenced_digests(data: bytes) -> list[Digest]:
     return found
 
 
-def _checked_size(data: bytes) -> bytes:
+def checked_size(data: bytes) -> bytes:
     if len(data) > MAX_MANIFEST_BYTES:
-        raise ManifestInvalid(f"upstream manifest is larger than {MAX_MANIFEST_BYTES} bytes")
+        raise ManifestInvalid(f"upstream manifest or referrers list is larger than {MAX_MANIFEST_BYTES} bytes")
     return data
 
 

@@ -1,4 +1,4 @@
-"""The /v2/ endpoints: parse, dispatch to manifests, blobs or tags, and word every error as OCI JSON."""
+"""The /v2/ endpoints: parse, dispatch to manifests, blobs, tags or referrers, and word every error as OCI JSON."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from proxy.sources.oci.errors import API_VERSION_HEADER, NameInvalid, OciError, 
 from proxy.sources.oci.hot import HotManifests
 from proxy.sources.oci.manifests import ALL_MANIFEST_TYPES, DOCKER_LIST, OCI_INDEX, SOURCE, ManifestService, parse_accept
 from proxy.sources.oci.names import Kind, Router, Target, split_image_reference
+from proxy.sources.oci.referrers import ReferrersService, is_referrers_path, referrers_target
 from proxy.sources.oci.upstream import BlobTransport, RegistryClient
 from proxy.store.digest import Digest
 from proxy.sources.source import ttl_rule
@@ -46,6 +47,7 @@ class OciMirror:
         self.clients = {r.name: RegistryClient(r, http, blobs, health) for r in settings.registries}
         self.manifests = ManifestService(store, self.clients)
         self.blobs = BlobService(store, self.clients)
+        self.referrers = ReferrersService(store, self.clients)
         self.hot = HotManifests(store.small_objects)  # answers repeated manifest GETs before routing (hot.py)
 
     @staticmethod
@@ -109,7 +111,10 @@ class OciMirror:
         try:
             if request.method not in ("GET", "HEAD"):
                 raise Unsupported("pullthrough is a read-only mirror: pushes and deletes are not supported")
-            target = self.router.route(_checked_path(request), request.query_params.get("ns"))
+            path, ns = _checked_path(request), request.query_params.get("ns")
+            if is_referrers_path(path):
+                return await self.referrers.serve(referrers_target(self.router, path, ns), request)
+            target = self.router.route(path, ns)
             if target.kind is Kind.BLOB:
                 return await self.blobs.serve(target, request)
             if target.kind is Kind.MANIFEST:

@@ -168,6 +168,10 @@ class RegistryClient:
     async def get_tags(self, repository: str, params: dict[str, str]) -> httpx.Response:
         return await self._request("GET", repository, "tags/list", params=params, missing=ManifestUnknown)
 
+    async def get_referrers(self, repository: str, digest: str, accept: list[str], params: dict[str, str]) -> httpx.Response:
+        """OCI 1.1's referrers list; an upstream without the API answers 404 (ManifestUnknown)."""
+        return await self._request("GET", repository, f"referrers/{digest}", accept=accept, params=params, missing=ManifestUnknown)
+
     # -- the request loop -------------------------------------------------------------------
     async def _request(
         self,
