@@ -1,5 +1,5 @@
-"""The `pullthrough` command: serve, config check, db upgrade, purge, verify, stats, pins, prefetch
-and materialize.
+"""The `pullthrough` command: serve, config check, db upgrade, purge, verify, stats, pins, prefetch,
+materialize, export and import.
 
 One rule for every command, kept in `_Pullthrough`: usage and configuration errors exit 2 with one
 line on stderr (`pullthrough: <key>: <what>`), runtime failures exit 1 with one line naming the
@@ -97,12 +97,13 @@ def _describe(exc: Exception, ctx: click.Context) -> tuple[int, str]:
     import httpx
     from sqlalchemy.exc import DBAPIError
 
+    from proxy.bundle import BadBundle
     from proxy.migrate import DatabaseNotReady
     from proxy.offline import CacheUnavailable, database_cause
     from proxy.resources import ResourceError
     from proxy.serving import ServeError
 
-    if isinstance(exc, (ConfigError, ResourceError)):
+    if isinstance(exc, (ConfigError, ResourceError, BadBundle)):
         return 2, str(exc)
     if isinstance(exc, (CacheUnavailable, DatabaseNotReady, ServeError)):
         return 1, str(exc)
@@ -664,3 +665,54 @@ def materialize(
     document = {"resource": resource, "destination": destination, "platforms": wanted, "files": len(written),
                 "bytes": fetched.bytes, "link": link}
     _emit(as_json, document, [f"{resource}: {len(written)} files, {_human(fetched.bytes)} under {destination}"])
+
+
+# -- bundles: a set carried to an air-gapped node ----------------------------------------------------
+
+@main.command("export")
+@_setting_options
+@click.option("--set", "set_name", required=True, help="The configured resource set to bundle.")
+@click.argument("file")
+@_JSON_OPTION
+def export_bundle(config_file: str | None, cache_dir: str | None, database_url: str | None, set_name: str, file: str,
+                  as_json: bool) -> None:
+    """Write a resource set to FILE ("-": stdout) as one bundle (proxy/bundle.py): its blobs, the
+    names and read scopes that serve them, its listing. The set is brought up to date first, as
+    `prefetch --set` does; a set that is not whole in the cache is not exported (exit 1)."""
+    from pathlib import Path
+
+    from proxy.bundle import export_set
+    from proxy.extras import require_extras
+
+    settings = _settings(config_file, cache_dir=cache_dir, database_url=database_url)
+    if file == "-" and as_json:
+        _fail("--json and FILE '-' would both write to stdout: name a FILE")
+    require_extras(settings)
+    _quiet_logging()
+    summary = export_set(settings, set_name, None if file == "-" else Path(file))
+    line = (f"{summary.name}: {summary.blobs} blobs ({_human(summary.bytes)}), {summary.references} references, "
+            f"{summary.scopes} read scopes: {_human(summary.bundle_bytes or 0)} to {file}")
+    if file == "-":
+        click.echo(line, err=True)
+        return
+    _emit(as_json, {**summary.as_json(), "file": file}, [line])
+
+
+@main.command("import")
+@_setting_options
+@click.argument("file")
+@_JSON_OPTION
+def import_bundle(config_file: str | None, cache_dir: str | None, database_url: str | None, file: str, as_json: bool) -> None:
+    """Load a bundle written by `export` (FILE "-": stdin) into the cache: every blob verified
+    first, then committed, named and pinned under the set's name. A bundle with anything wrong is
+    refused whole (exit 2, nothing imported). Needs no upstream and no server."""
+    from pathlib import Path
+
+    from proxy.bundle import import_bundle as load
+
+    settings = _settings(config_file, cache_dir=cache_dir, database_url=database_url)
+    _quiet_logging()
+    summary = load(settings, None if file == "-" else Path(file))
+    line = (f"{summary.name}: {summary.blobs} blobs ({_human(summary.bytes)}, {summary.new_blobs} new), "
+            f"{summary.references} references ({summary.written_references} written), pinned")
+    _emit(as_json, {**summary.as_json(), "file": file}, [line])

@@ -282,6 +282,25 @@ class BlobStore:
         _fsync_dir(final.parent)
         return BlobFile(digest, final, temp.written)
 
+    def stage(self, temp: TempBlob, digest: Digest, expected_size: int) -> Path:
+        """Blocking: verify, make read-only, fsync and close a temp file, which stays under tmp/
+        until `place` renames it into blobs/: for a writer that verifies many blobs before it
+        commits any (an import). Raises on a mismatch, leaving the file to its owner's discard."""
+        self.verify(temp, digest, expected_size)
+        os.fchmod(temp.fd, 0o444)
+        os.fsync(temp.fd)
+        temp.close()
+        return temp.path
+
+    def place(self, staged: Path, digest: Digest) -> BlobFile:
+        """Blocking: rename a staged file into place (over an existing copy of the same bytes: the
+        rename is atomic, and readers of the old file keep reading it)."""
+        final = self.path_for(digest)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(staged, final)
+        _fsync_dir(final.parent)
+        return BlobFile(digest, final, final.stat().st_size)
+
     def put_bytes(self, data: bytes, digest: Digest) -> BlobFile:
         """Blocking: store a small verified object (a manifest) in one go."""
         existing = self.stat(digest)

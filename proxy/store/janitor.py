@@ -119,6 +119,22 @@ class Janitor:
             finally:
                 fcntl.flock(lock_file, fcntl.LOCK_UN)
 
+    @contextlib.contextmanager
+    def held_off(self, timeout: float = 600.0) -> Iterator[None]:
+        """No janitor pass on this cache while the block runs (a pass that starts meanwhile skips,
+        as it does beside another janitor), waiting up to `timeout` seconds for a running one to
+        end: for a writer that renames files into blobs/ before their rows exist (an import), which
+        a sweep would otherwise adopt as unknown, or a purge remove, in between."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._only_janitor() as alone:
+                if alone:
+                    yield
+                    return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"a janitor pass on {self.store.root} did not end within {timeout:g} s")
+            time.sleep(0.5)
+
     def _purge(
         self, *, dry_run: bool, older_than: float | None, to_size: int | None, reason: str, now: float | None
     ) -> PurgeResult:

@@ -112,6 +112,18 @@ class BlobRecord:
 
 
 @dataclass(frozen=True)
+class SetContents:
+    """A pinned resource set as the index holds it: the pinned digests, their blob rows (a pinned
+    digest may have none), the read scopes that admitted each, and the references naming them."""
+
+    name: str
+    digests: list[str]
+    records: Mapping[str, BlobRecord]
+    scopes: Mapping[str, list[str]]
+    references: list[Reference]
+
+
+@dataclass(frozen=True)
 class FillLease:
     """Which process of the fleet downloads a key now, and how far its bytes are durable."""
 

@@ -18,6 +18,7 @@ from proxy.store.index.housekeeping import CounterIndex, PinIndex, PurgeLog, exc
 from proxy.store.index.leases import LeaseIndex
 from proxy.store.index.models import Base
 from proxy.store.index.references import ReferenceIndex
+from proxy.store.index.sets import SetRows
 
 __all__ = ["Base", "Index", "Sample", "make_engine"]
 
@@ -34,6 +35,7 @@ class Index:
         self.counters = CounterIndex(engine)
         self.purges = PurgeLog(engine)
         self.history = HistoryIndex(engine)
+        self.sets = SetRows(engine)
 
     @contextlib.contextmanager
     def exclusive(self, name: str) -> Iterator[bool]:
