@@ -19,6 +19,7 @@ import pytest
 from tests.images import ACCEPT_ALL, KIB, OCI_INDEX, OCI_MANIFEST, ImageSpec, publish, skopeo
 from tests.servers.registry import Distribution
 from tests.servers.scripted import ScriptedUpstream
+from tests.test_oci_upstream_auth import APP, PASSWORD, USER, protected  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.real
 
@@ -26,6 +27,7 @@ SBOM = "application/vnd.example.sbom.v1+json"
 EMPTY = "application/vnd.oci.empty.v1+json"
 REPOSITORY = "team/app"
 OTHER_REPOSITORY = "team/other"
+ARTIFACT_TAG = "sbom-1"
 
 
 def digest_of(data: bytes) -> str:
@@ -81,7 +83,7 @@ def push_signed_image(registry: Distribution, workdir: Path) -> Pushed:
             "subject": {"mediaType": OCI_MANIFEST, "digest": image.manifest_digest, "size": image.manifest_size},
             "annotations": annotations,
         }, indent=2).encode()
-        push_manifest(http, REPOSITORY, digest_of(artifact), artifact, OCI_MANIFEST)
+        push_manifest(http, REPOSITORY, ARTIFACT_TAG, artifact, OCI_MANIFEST)  # as model weights are tagged
         listed = {"mediaType": OCI_MANIFEST, "digest": digest_of(artifact), "size": len(artifact), "artifactType": SBOM,
                   "annotations": annotations}
         fallback = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [listed]}).encode()
@@ -167,6 +169,10 @@ def test_the_listed_artifact_its_blobs_and_the_tag_schema_index_pull_byte_exact_
             blob = http.get(f"/v2/{REPOSITORY}/blobs/{descriptor['digest']}")
             assert blob.status_code == 200 and digest_of(blob.content) == descriptor["digest"]
         assert http.get(f"/v2/{REPOSITORY}/blobs/{document['layers'][0]['digest']}").content == pushed.layer
+        # By tag, with the Accept of an artifact client (oras asks for the OCI types only).
+        tagged = http.get(f"/v2/{REPOSITORY}/manifests/{ARTIFACT_TAG}", headers={"Accept": f"{OCI_MANIFEST}, {OCI_INDEX}"})
+        assert tagged.status_code == 200 and tagged.content == pushed.artifact
+        assert (tagged.headers["content-type"], tagged.headers["docker-content-digest"]) == (OCI_MANIFEST, pushed.artifact_digest)
         # A client using the tag schema itself (cosign, oras against a 2.8 registry) pulls the tag.
         tag = http.get(f"/v2/{REPOSITORY}/manifests/{pushed.fallback_tag}")
         assert tag.status_code == 200 and tag.content == pushed.fallback and tag.headers["content-type"] == OCI_INDEX
@@ -203,6 +209,17 @@ def test_the_list_is_served_stale_while_the_upstream_is_down_and_never_to_anothe
         registry.restart()
 
 
+def test_a_protected_upstream_is_asked_for_referrers_with_the_configured_credentials(protected, pullthrough) -> None:  # type: ignore[no-untyped-def]
+    image = protected.images[APP.ref]
+    entry = {"name": "docker.io", "url": protected.registry.url, "default": True}
+    with_credentials = pullthrough([{**entry, "username": USER, "password": PASSWORD}])
+    listed = referrers(with_credentials.url, APP.name, image.manifest_digest)
+    assert listed.status_code == 200 and listed.json()["manifests"] == []  # no tag-schema index: nothing refers to it
+    anonymous = pullthrough([entry])
+    refused = referrers(anonymous.url, APP.name, image.manifest_digest)
+    assert refused.status_code in (401, 403) and refused.json()["errors"][0]["code"] in ("UNAUTHORIZED", "DENIED")
+
+
 # -- an upstream that implements the referrers API ------------------------------------------------------
 
 SUBJECT = "sha256:" + "ab" * 32
@@ -237,6 +254,8 @@ def test_an_upstream_referrers_list_is_passed_through_byte_exact_and_cached(pull
         pt = pullthrough(mirror_of(upstream.url))
         listed = referrers(pt.url, REPOSITORY, SUBJECT)
         assert listed.status_code == 200 and listed.content == page and listed.headers["content-type"] == OCI_INDEX
+        head = httpx.head(f"{pt.url}/v2/{REPOSITORY}/referrers/{SUBJECT}", timeout=30)
+        assert (head.status_code, head.content, int(head.headers["content-length"])) == (200, b"", len(page))
         signatures = referrers(pt.url, REPOSITORY, SUBJECT, artifactType=SIGNATURE)
         assert signatures.headers["oci-filters-applied"] == "artifactType"
         assert signatures.json()["manifests"] == [descriptor(2, SIGNATURE)]

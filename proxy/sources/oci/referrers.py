@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from proxy.sources.oci.errors import API_VERSION_HEADER, DigestInvalid, ManifestInvalid, ManifestUnknown, OciError, translate
-from proxy.sources.oci.manifests import OCI_INDEX, ManifestService, checked_size
+from proxy.sources.oci.manifests import OCI_INDEX, ManifestService, checked_size, declared_media_type
 from proxy.sources.oci.names import Router, Target
 from proxy.sources.oci.upstream import RegistryClient
 from proxy.store.small import Document
@@ -109,7 +109,8 @@ class ReferrersService:
             if exc.status in _NO_API_STATUSES or exc.code == "UNSUPPORTED":
                 raise NoReferrersApi() from None
             raise
-        if response.headers.get("content-type", "").split(";", 1)[0].strip() != OCI_INDEX:
+        content_type = response.headers.get("content-type", "").split(";", 1)[0].strip()
+        if OCI_INDEX not in (content_type, declared_media_type(response.content)):
             raise NoReferrersApi()  # a catch-all page, not a referrers list (crane falls back too)
         return response
 
