@@ -76,9 +76,9 @@ class ReferrersService:
     async def _fetch(self, target: Target) -> Document:
         client = self._clients[target.registry.name]
         try:
-            return Document(await self._from_api(client, target), OCI_INDEX, {"fallback": False})
+            return Document(await self._from_api(client, target), OCI_INDEX)
         except NoReferrersApi:
-            return Document(await self._from_tag_schema(client, target), OCI_INDEX, {"fallback": True})
+            return Document(await self._from_tag_schema(client, target), OCI_INDEX)
 
     async def _from_api(self, client: RegistryClient, target: Target) -> bytes:
         """The upstream's list, byte-exact when it came in one page; pages merged otherwise."""
