@@ -90,7 +90,7 @@ class Runtime:
         sources = build_sources(settings, store, http, blob_transport, health)
         return cls(
             settings, index, traffic, store, Janitor(store.files, index, purge_policy(settings)), http, blob_transport,
-            sources, ResourceSets(settings.resource_sets, store, sources),
+            sources, ResourceSets(settings.resource_sets, store, sources, http, offline=settings.offline),
             Readiness(index.engine, store.files.tmp_dir, settings.node_name),
         )
 
@@ -99,6 +99,7 @@ class Runtime:
         await self.store.start()
         await self.store.pools.files(self.janitor.sweep_alone)  # index and files agree before the first request
         await self.traffic.start()
+        await self.resource_sets.restore()
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
@@ -109,7 +110,7 @@ class Runtime:
         if self.settings.offline and self.settings.prefetch_on_start and self.settings.resource_sets:
             log.info("offline: resource sets are not prefetched (they are served from what the cache holds)")
         elif self.settings.prefetch_on_start and self.settings.resource_sets:
-            background.append(asyncio.create_task(self.resource_sets.prefetch_all(), name="prefetch"))
+            background.append(asyncio.create_task(self.resource_sets.run(), name="resource sets"))
         self.readiness.started = True
         try:
             yield

@@ -1,8 +1,11 @@
 """Resource sets, a market's "required resources": pinned (never purged) and prefetched.
 
 A set lists images and remote resources (S3 objects or prefixes, HF repos at a revision, IPFS
-content, HTTPS URLs). Prefetching fetches each through the same sources as any client, then pins
-every blob it consists of under the set's name. `GET /api/markets/{name}/required-resources`
+content, HTTPS URLs), in the configuration and, for a subscribed set, in the market's published
+listing (proxy/subscriptions.py). Prefetching fetches each through the same sources as any client,
+then pins every blob it consists of under the set's name; the pins are always the digests of what
+is listed now, so an entry that leaves the listing is unpinned (and purged by the usual rules),
+while an entry still listed keeps its last good prefetch's pins when it cannot be fetched. `GET /api/markets/{name}/required-resources`
 answers in the seed's shape with each resource's state; `POST` (admin token) prefetches again.
 """
 
@@ -14,18 +17,23 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from proxy.config import ResourceSet
+from proxy.config import RemoteResource, ResourceSet
 from proxy.resources import parse_resource
 from proxy.sources.source import Sources
 from proxy.store.blobs import BlobStore
 from proxy.store.digest import Digest
+from proxy.store.records import Reference
 from proxy.store.store import Store
+from proxy.subscriptions import Subscription
 
 log = logging.getLogger(__name__)
+
+ENTRY_DIGESTS = "set-entries"  # the index's references: per set, each listed entry's digests
 
 
 @dataclass
@@ -90,35 +98,128 @@ def _size_on_disk(files: BlobStore, digest: str) -> int | None:
 
 
 class ResourceSets:
-    def __init__(self, sets: list[ResourceSet], store: Store, sources: Sources) -> None:
+    """Every configured set: what it lists now (its own entries and its subscription's), what each
+    entry's last prefetch pinned, and the pins in the index, which are always exactly the digests
+    of the entries listed now."""
+
+    def __init__(
+        self, sets: list[ResourceSet], store: Store, sources: Sources, http: httpx.AsyncClient,
+        *, offline: bool = False,
+    ) -> None:
         self.sets = {s.name: s for s in sets}
         self._store = store
         self._sources = sources
         self._states: dict[tuple[str, str], ResourceState] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str, asyncio.Lock] = {}  # one prefetch of a set at a time
+        self._pin_locks: dict[str, asyncio.Lock] = {}  # short: the pins are written from what is listed now
+        self._entry_digests: dict[str, dict[str, list[str]]] = {}  # set -> label -> digests
+        self._unattributed: set[str] = set()  # sets pinned before each entry's digests were saved
+        self.subscriptions = {
+            s.name: Subscription(s, store.refs, http, offline) for s in sets if s.url is not None
+        }
 
-    # -- prefetch --------------------------------------------------------------------------------
-    async def prefetch(self, name: str) -> dict[str, Any]:
-        """Fetch every resource of the set and pin what it consists of; the listing afterwards."""
+    def entries(self, name: str) -> tuple[list[str], list[RemoteResource]]:
+        """The set's images and remote resources now: its own, then its subscription's last good listing."""
         resource_set = self.sets[name]
-        async with self._locks.setdefault(name, asyncio.Lock()):
-            digests: set[str] = set()
-            failed = False
-            for label in [*resource_set.images, *(r.display_url for r in resource_set.remote)]:
-                state = await self._run(name, label, resource_set.platforms)
-                digests.update(state.digests)
-                failed = failed or state.error is not None
-            if failed:  # a failed refresh unpins nothing: what an earlier prefetch (maybe another process's) pinned stays
-                digests.update((await self._store.pinned()).get(name, ()))
-            await self._store.pin(name, sorted(digests))
-        return await self.listing(name)
+        images = dict.fromkeys(resource_set.images)
+        remote = {r.display_url: r for r in resource_set.remote}
+        subscription = self.subscriptions.get(name)
+        if subscription is not None and subscription.listing is not None:
+            images.update(dict.fromkeys(subscription.listing.images))
+            for r in subscription.listing.remote:
+                remote.setdefault(r.display_url, r)
+        return list(images), list(remote.values())
 
-    async def prefetch_all(self) -> None:
-        for name in self.sets:
+    def labels(self, name: str) -> list[str]:
+        images, remote = self.entries(name)
+        return [*images, *(r.display_url for r in remote)]
+
+    # -- following subscriptions -------------------------------------------------------------------
+    async def run(self) -> None:
+        """In the background for a server's life: every set prefetched; a subscribed set's listing
+        read again every `refresh`, what left it unpinned at once, what is new (or failed) prefetched."""
+        await asyncio.gather(*(self._follow(name) for name in self.sets))
+
+    async def _follow(self, name: str) -> None:
+        wanted = asyncio.Event()
+        wanted.set()  # every set is prefetched once at start
+        worker = asyncio.create_task(self._prefetch_when(name, wanted), name=f"prefetch {name}")
+        subscription = self.subscriptions.get(name)
+        try:
+            while True:
+                try:
+                    changed = await self.refresh(name)
+                except Exception:
+                    log.exception("resource set %s: refresh failed", name)
+                    changed = False
+                if changed or self._failed(name):
+                    wanted.set()
+                if subscription is None:
+                    await worker  # a static set: one prefetch
+                    return
+                await asyncio.sleep(subscription.resource_set.refresh)
+        finally:
+            worker.cancel()
+
+    async def _prefetch_when(self, name: str, wanted: asyncio.Event) -> None:
+        while True:
+            await wanted.wait()
+            wanted.clear()
             try:
                 await self.prefetch(name)
             except Exception:
                 log.exception("prefetch of resource set %s failed", name)
+            if name not in self.subscriptions:
+                return
+
+    def _failed(self, name: str) -> bool:
+        """Whether an entry's last prefetch failed (tried again every refresh)."""
+        return any((s := self._states.get((name, label))) is not None and s.error is not None for label in self.labels(name))
+
+    async def refresh(self, name: str) -> bool:
+        """Read a subscribed set's listing again (a static set: nothing to read); whether it changed.
+        What left the listing is unpinned now, whatever the upstreams' state."""
+        subscription = self.subscriptions.get(name)
+        if subscription is None:
+            return False
+        changed = await subscription.refresh()
+        self._lend_s3(subscription)
+        if changed:
+            await self._write_pins(name)
+        return changed
+
+    async def restore(self) -> None:
+        """The subscribed listings saved by the last good reads, in use before (or instead of, offline)
+        reading them again: an air-gapped node or a restart while the market is down serves them."""
+        for subscription in self.subscriptions.values():
+            try:
+                await subscription.load()
+            except Exception as exc:  # noqa: BLE001 - the refresh tries again and says why
+                log.warning("resource set %s: cannot read the saved listing: %s", subscription.resource_set.name, exc)
+            self._lend_s3(subscription)
+
+    def _lend_s3(self, subscription: Subscription) -> None:
+        """The s3:// URLs a subscribed listing names are served without a bucket entry (proxy/sources/s3)."""
+        listed = subscription.listing.remote if subscription.listing else ()
+        s3 = self._sources.named("s3")
+        s3.subscribe(subscription.resource_set.name, (r.display_url for r in listed if r.type == "S3"))  # type: ignore[attr-defined]
+
+    async def update(self, name: str) -> dict[str, Any]:
+        """The listing read again, then everything listed prefetched: `prefetch --set` and POST."""
+        await self.refresh(name)
+        return await self.prefetch(name)
+
+    # -- prefetch --------------------------------------------------------------------------------
+    async def prefetch(self, name: str) -> dict[str, Any]:
+        """Fetch every resource of the set and pin what it consists of; the listing afterwards. A
+        resource whose fetch fails keeps what its last good prefetch pinned."""
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            images, remote = self.entries(name)
+            platforms = self.sets[name].platforms
+            for label in [*images, *(r.display_url for r in remote)]:
+                await self._run(name, label, platforms)
+            await self._write_pins(name)
+        return await self.listing(name)
 
     async def _run(self, name: str, label: str, platforms: list[str]) -> ResourceState:
         state = ResourceState(last_refreshed=time.time())
@@ -130,29 +231,61 @@ class ResourceSets:
         except Exception as exc:  # noqa: BLE001 - the state says what went wrong; the other resources go on
             state.error = getattr(exc, "message", None) or str(exc) or type(exc).__name__
             previous = self._states.get((name, label))
-            state.digests = previous.digests if previous else []  # keep what an earlier prefetch pinned
+            state.digests = previous.digests if previous else []
             log.warning("resource set %s: %s failed: %s", name, label, state.error)
         self._states[(name, label)] = state
+        if state.error is None:
+            (await self._saved_digests(name))[label] = state.digests
         return state
 
+    # -- pins ------------------------------------------------------------------------------------
+    async def _saved_digests(self, name: str) -> dict[str, list[str]]:
+        """Each entry's digests as its last good prefetch found them (saved in the index, so a
+        restart that cannot fetch an entry still keeps its pins)."""
+        if name not in self._entry_digests:
+            saved = await self._store.refs.get(ENTRY_DIGESTS, name)
+            if saved is None:
+                self._unattributed.add(name)
+            self._entry_digests[name] = {k: list(v) for k, v in saved.meta["entries"].items()} if saved else {}
+        return self._entry_digests[name]
+
+    async def _write_pins(self, name: str) -> None:
+        """Pin exactly the digests of the entries listed now, and save them per entry. An entry
+        never prefetched here, while nothing was ever saved (pins from before entries were
+        remembered), keeps every pin the set has: nothing is unpinned on a guess."""
+        async with self._pin_locks.setdefault(name, asyncio.Lock()):
+            labels = self.labels(name)
+            known = await self._saved_digests(name)
+            kept = {label: known[label] for label in labels if label in known}
+            digests = {d for ds in kept.values() for d in ds}
+            if name in self._unattributed:
+                if len(kept) < len(labels):
+                    digests.update((await self._store.pinned()).get(name, ()))
+                else:
+                    self._unattributed.discard(name)
+            await self._store.pin(name, sorted(digests))
+            self._entry_digests[name] = kept
+            await self._store.refs.put(Reference(ENTRY_DIGESTS, name, "", time.time(), 0.0, {}, {"entries": kept}))
     # -- the listing ---------------------------------------------------------------------------------
     async def listing(self, name: str) -> dict[str, Any]:
         """The seed's JSON shape (`required_images`, `required_remote_resources` with type and url)
         plus each resource's state, `cached` from the files on disk now."""
-        resource_set = self.sets[name]
-        labels = [*resource_set.images, *(r.display_url for r in resource_set.remote)]
-        states = {label: self._states.get((name, label), ResourceState()) for label in labels}
+        images, remote = self.entries(name)
+        states = {label: self._states.get((name, label), ResourceState()) for label in self.labels(name)}
         missing = await self._store.pools.files(self._missing, states)
         status = {label: state.as_json(missing[label]) for label, state in states.items()}
-        return {
+        listing: dict[str, Any] = {
             "name": name,
-            "required_images": list(resource_set.images),
-            "required_remote_resources": [{"type": r.type, "url": r.display_url} for r in resource_set.remote],
+            "required_images": images,
+            "required_remote_resources": [{"type": r.type, "url": r.display_url} for r in remote],
             "status": {
-                "images": {i: status[i] for i in resource_set.images},
-                "remote": {r.display_url: status[r.display_url] for r in resource_set.remote},
+                "images": {i: status[i] for i in images},
+                "remote": {r.display_url: status[r.display_url] for r in remote},
             },
         }
+        if (subscription := self.subscriptions.get(name)) is not None:
+            listing["subscription"] = subscription.as_json()
+        return listing
 
     def _missing(self, states: dict[str, ResourceState]) -> dict[str, int]:
         """Blocking: how many of each resource's blobs have no file in the store."""
@@ -167,7 +300,7 @@ class ResourceSets:
             if request.method == "POST":
                 if (refusal := admin_check(request)) is not None:
                     return refusal
-                return JSONResponse(await self.prefetch(name))
+                return JSONResponse(await self.update(name))
             return JSONResponse(await self.listing(name))
 
         return [Route("/api/markets/{name}/required-resources", required_resources, methods=["GET", "POST"])]

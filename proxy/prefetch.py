@@ -82,7 +82,7 @@ async def fetch_set(runtime: Runtime, name: str) -> dict[str, object]:
     sets = runtime.resource_sets
     if name not in sets.sets:
         raise ResourceError(f"no resource set named {name!r} in the configuration")
-    return await sets.prefetch(name)
+    return await sets.update(name)
 
 
 def materialize(settings: Settings, fetched: Fetched, destination: Path, *, link: bool = False) -> list[Path]:

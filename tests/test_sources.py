@@ -67,6 +67,7 @@ def test_s3_object_is_mirrored_and_the_second_get_is_served_from_the_cache(s3, p
     assert first.status_code == 200 and first.content == data
     assert first.headers["etag"] == etag
     assert gets_of(s3, "/models/sd/dreamshaper/8/unet.bin") == 1
+    wait_committed(pt, data)  # the key's reference is written just after the last byte: a GET before it probes again
     after_first = len(s3.requests())
     second = httpx.get(url, timeout=60)
     assert second.content == data

@@ -55,17 +55,18 @@ class S3Clients:
             self._health.watch(self.upstream(bucket))
         self._session = aioboto3.Session()
         self._stack = contextlib.AsyncExitStack()
-        self._clients: dict[str, Any] = {}
+        self._clients: dict[tuple[str, bool], Any] = {}
 
     async def client(self, bucket: S3Bucket) -> Any:
         """The bucket's client: the one way to the endpoint, so that offline it is refused here."""
         if self._offline:
             raise Unreachable(f"{OFFLINE}; s3://{bucket.name} was not asked")
-        if bucket.name not in self._clients:
+        key = (bucket.name, bucket.anonymous)  # a listed bucket may be asked both ways (routes.py)
+        if key not in self._clients:
             config = _ANONYMOUS_CONFIG if bucket.anonymous else _CLIENT_CONFIG
             client = self._session.client("s3", config=config, **self._config.credentials(bucket))
-            self._clients[bucket.name] = await self._stack.enter_async_context(client)
-        return self._clients[bucket.name]
+            self._clients[key] = await self._stack.enter_async_context(client)
+        return self._clients[key]
 
     async def aclose(self) -> None:
         await self._stack.aclose()
