@@ -4,6 +4,7 @@ a bundle with anything altered is refused whole."""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
@@ -89,11 +90,11 @@ def test_a_set_exported_from_one_cache_is_served_by_a_fresh_offline_cache_after_
     hub.stop()
 
     config, settings, registries = offline_node(tmp_path, "b", registry.url, s3.url, hub.url)
+    b = pullthrough(registries, **settings)  # running already: it reads what the import writes
     imported = cli("import", "--config", str(config), str(bundle), "--json")
     assert imported.returncode == 0, imported.stderr
     summary = json.loads(imported.stdout)
     assert (summary["set"], summary["blobs"], summary["new_blobs"]) == (MARKET, 8, 8)
-    b = pullthrough(registries, **settings)
 
     out = tmp_path / "pulled"
     skopeo("copy", "--quiet", "--src-tls-verify=false", f"docker://{b.host}/nosana/stats:v1.0.4", f"dir:{out}")
@@ -113,7 +114,7 @@ def test_a_set_exported_from_one_cache_is_served_by_a_fresh_offline_cache_after_
     other = httpx.get(f"{b.url}/v2/someone/else/blobs/{layer}", timeout=30)
     assert other.status_code == 404 and other.json()["errors"][0]["code"] == "BLOB_UNKNOWN", other.text
 
-    # Again, beside the running server: nothing new, nothing broken.
+    # Again: nothing new, nothing broken.
     again = cli("import", "--config", str(config), str(bundle), "--json")
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["new_blobs"] == 0
@@ -140,7 +141,7 @@ def s3_bundle(pullthrough, tmp_path: Path):  # type: ignore[no-untyped-def]
         bundle = tmp_path / "weights.tar"
         export(a.config_path, bundle, "weights")
         config, _, _ = offline_node(tmp_path, "fresh", "http://127.0.0.1:9", s3.url, "http://127.0.0.1:9")
-        yield bundle, config, tmp_path / "fresh"
+        yield bundle, config, a.config_path
     finally:
         s3.stop()
 
@@ -200,6 +201,24 @@ def test_a_bundle_with_a_member_outside_its_list_is_refused(s3_bundle, tmp_path:
     error = refused(config, repacked, work)
     assert "is not a blob the bundle lists" in error, error
     assert not (tmp_path / "work" / "escaped").exists()
+
+
+def test_a_bundle_goes_through_a_pipe_and_may_arrive_compressed(s3_bundle, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    bundle, config, source_config = s3_bundle
+    command = [sys.executable, "-m", "proxy"]
+    exporting = subprocess.Popen([*command, "export", "--config", str(source_config), "--set", "weights", "-"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    imported = subprocess.run([*command, "import", "--config", str(config), "-", "--json"], stdin=exporting.stdout,
+                              capture_output=True, text=True, timeout=300)
+    assert exporting.stdout is not None
+    exporting.stdout.close()
+    assert exporting.wait(timeout=300) == 0 and b"weights: 2 blobs" in exporting.stderr.read()  # type: ignore[union-attr]
+    assert imported.returncode == 0, imported.stderr
+    assert json.loads(imported.stdout)["new_blobs"] == 2
+    compressed = tmp_path / "weights.tar.gz"
+    compressed.write_bytes(gzip.compress(bundle.read_bytes()))
+    again = cli("import", "--config", str(config), str(compressed), "--json")
+    assert again.returncode == 0 and json.loads(again.stdout)["new_blobs"] == 0, again.stderr
 
 
 def test_bad_input_is_one_line_and_exit_2(s3_bundle, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

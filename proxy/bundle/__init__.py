@@ -56,7 +56,7 @@ from proxy.bundle.manifest import CHECKSUM, MANIFEST, MAX_MANIFEST_BYTES, BadBun
 from proxy.bundle.tar import BLOCK, TarDamaged, TarReader, end_of_archive, write_member
 from proxy.config import Settings
 from proxy.offline import CacheUnavailable, open_cache
-from proxy.store.blobs import BlobStore, DigestMismatch, SizeMismatch
+from proxy.store.blobs import BlobStore, DigestMismatch
 from proxy.store.digest import Digest
 from proxy.store.janitor import Janitor, Policy
 from proxy.store.records import SetContents
@@ -241,9 +241,10 @@ def _stage(files: BlobStore, tar: TarReader, member_size: int, digest: Digest, s
         while chunk := tar.read():
             temp.append(chunk)
         return files.stage(temp, digest, size)
-    except (DigestMismatch, SizeMismatch) as exc:
+    except DigestMismatch:
+        actual = temp.hexdigest()
         temp.discard()
-        raise BadBundle(f"{exc}: the bundle was altered or damaged, nothing imported") from None
+        raise BadBundle(f"{digest}: the bundle's bytes hash to sha256:{actual}: altered or damaged, nothing imported") from None
     except BaseException:
         temp.discard()
         raise

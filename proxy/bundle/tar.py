@@ -125,7 +125,7 @@ class TarReader:
             raise TarDamaged("a damaged end of the archive")
         while rest := self._guarded(lambda: self._raw.read(CHUNK)):
             if rest != _ZEROS[: len(rest)]:
-                raise TarDamaged("data after the end of the archive")
+                raise TarDamaged("the end of the archive is not zeros (damaged, or data after it)")
 
     def _exactly(self, n: int) -> bytes:
         parts, got = [], 0
