@@ -322,10 +322,12 @@ def test_pins_come_from_the_disk_after_a_failed_prefetch_and_a_repair(upstream, 
     before = json.loads(ok(run("pins", *config, "--json")).stdout)[SET]
     assert before["configured"] and before["pinned"] == before["present"] >= 3 and before["missing"] == []
 
-    # The upstream goes away and the set names an image the cache never had: its prefetch fails
-    # (a cached one would be served stale), and unpins nothing.
+    # The upstream goes away and the set also names an image the cache never had: its prefetch
+    # fails (a cached one is served stale), and the pins stay as they were.
     dead = tmp_path / "dead.toml"
-    dead.write_text(pt.config_path.read_text().replace(upstream.url, "http://127.0.0.1:9").replace("library/single:1", "library/many:1"))
+    dead.write_text(pt.config_path.read_text().replace(upstream.url, "http://127.0.0.1:9")
+                    .replace('library/single:1"', 'library/single:1", "docker.io/library/many:1"'))
+    assert "library/many:1" in dead.read_text()
     failed = run("prefetch", "--config", str(dead), "--set", SET)
     assert failed.returncode == 1 and f"{SET}: docker.io/library/many:1: failed: " in failed.stdout, failed.stdout
     assert json.loads(ok(run("pins", *config, "--json")).stdout)[SET] == before
