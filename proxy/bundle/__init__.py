@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from proxy.bundle.manifest import CHECKSUM, MANIFEST, MAX_MANIFEST_BYTES, BadBundle, build, checksum, parse
+from proxy.bundle.manifest import CHECKSUM, MANIFEST, MAX_MANIFEST_BYTES, BadBundle, blob_member, build, checksum, parse
 from proxy.bundle.tar import BLOCK, TarDamaged, TarReader, end_of_archive, write_member
 from proxy.config import Settings
 from proxy.offline import CacheUnavailable, open_cache
@@ -141,7 +141,7 @@ def write_bundle(files: BlobStore, listing: Mapping[str, Any], contents: SetCont
     for digest in contents.digests:
         with open(files.path_for(Digest.parse(digest)), "rb", buffering=0) as blob:
             hasher = hashlib.sha256()
-            written += write_member(out, "blobs/" + digest.replace(":", "/", 1), blob, sizes[digest], mtime, hasher)
+            written += write_member(out, blob_member(digest), blob, sizes[digest], mtime, hasher)
         if f"sha256:{hasher.hexdigest()}" != digest:
             raise CacheUnavailable(f"{digest}: the cache's file no longer matches its digest (`pullthrough verify --repair`)")
     seal = f"{checksum(data)}\n".encode()
@@ -192,7 +192,7 @@ def _read(files: BlobStore, raw: IO[bytes]) -> tuple[dict[str, Any], SetContents
         data = _whole(tar)
         listing, contents = parse(data)
         _check_space(files, contents)
-        expected = {"blobs/" + d.replace(":", "/", 1): d for d in contents.digests}
+        expected = {blob_member(d): d for d in contents.digests}
         sealed, touched = False, time.monotonic()
         for member in members:
             if sealed:

@@ -41,6 +41,11 @@ def build(listing: Mapping[str, Any], contents: SetContents, sizes: Mapping[str,
     return json.dumps(document, sort_keys=True).encode()
 
 
+def blob_member(digest: str) -> str:
+    """Where a blob stands in the tar: blobs/sha256/<hex>, as in an OCI image layout."""
+    return "blobs/" + digest.replace(":", "/", 1)
+
+
 def checksum(data: bytes) -> str:
     return f"sha256:{hashlib.sha256(data).hexdigest()}"
 
