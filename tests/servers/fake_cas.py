@@ -211,6 +211,10 @@ class _Server(ThreadingHTTPServer):
             self.open_sockets.discard(request)
         super().shutdown_request(request)
 
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # clients drop pooled connections when they exit
+            super().handle_error(request, client_address)
+
     def cut_connections(self) -> None:
         with self.sockets_lock:
             sockets = list(self.open_sockets)

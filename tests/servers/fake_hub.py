@@ -3,8 +3,10 @@
 It answers what huggingface.co answers to what huggingface_hub 2.x sends: small files through a
 relative 307 to `/api/resolve-cache/...`, LFS and Xet files through an absolute 302 to a signed URL
 on a separate CDN host (another port is a foreign host to the client), Xet headers, `xetHash` in
-tree listings, a `xet-read-token` route pointing at a CAS that has nothing, cursor-paginated trees
-with an absolute `Link`, and the Hub's errors (`X-Error-Code`, `X-Error-Message`, JSON body).
+tree listings, a `xet-read-token` route pointing at a CAS that has nothing (or, with `FakeHub.start(dir,
+cas=FakeCas.start(...))`, at that fake CAS, to which Xet files are then uploaded by the real hf_xet so their
+`xetHash` is real), cursor-paginated trees with an absolute `Link`, and the Hub's errors (`X-Error-Code`,
+`X-Error-Message`, JSON body).
 Every request is recorded (`hits()`, `downloads()`), and the whole upstream can be stopped (connection
 refused, live connections cut) or switched to 503.
 """
@@ -12,6 +14,7 @@ refused, live connections cut) or switched to 503.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import functools
 import hashlib
 import hmac
@@ -26,6 +29,7 @@ from pathlib import Path
 from typing import Iterable
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
+from .fake_cas import FakeCas
 from .ports import free_port
 
 #: Files at least this big are stored in LFS (the Hub's default .gitattributes adds the extensions below).
@@ -61,6 +65,8 @@ class FakeFile:
     data: bytes
     lfs: bool
     xet: bool
+    #: Set when the file was uploaded to a FakeCas: its real Xet file hash.
+    real_xet_hash: str | None = None
 
     @property
     def size(self) -> int:
@@ -86,7 +92,9 @@ class FakeFile:
 
     @functools.cached_property
     def xet_hash(self) -> str | None:
-        return fake_xet_hash(self.data) if self.xet else None
+        if not self.xet:
+            return None
+        return self.real_xet_hash or fake_xet_hash(self.data)
 
 
 @dataclass
@@ -224,7 +232,7 @@ class FakeHub:
     """The Hub at `url` and its CDN at `cdn_url`; declare repos with `add_repo`, read traffic with `hits()`."""
 
     def __init__(self, workdir: Path, *, lfs_threshold: int = DEFAULT_LFS_THRESHOLD, tree_page_size: int = 3,
-                 small_file_redirect: bool = True) -> None:
+                 small_file_redirect: bool = True, cas: FakeCas | None = None) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.workdir / "fake_hub.log"
@@ -238,6 +246,9 @@ class FakeHub:
         self.cdn_rate: float | None = None
         #: While set to an unset Event, CDN answers send their headers and hold their bodies until it is set.
         self.cdn_gate: threading.Event | None = None
+        #: Where Xet files live: None keeps the placeholder hashes and a CAS route that has nothing.
+        self.cas = cas
+        self._cas_hashes: dict[str, str] = {}  # sha256 -> Xet file hash of what was uploaded to `cas`
         self.repos: dict[tuple[str, str], FakeRepo] = {}
         self.valid_tokens: set[str] = set()
         self._hits: list[Hit] = []
@@ -305,7 +316,8 @@ class FakeHub:
                  lfs_paths: Iterable[str] = ()) -> FakeRepo:
         """Declare a repo. `files` is `main`; `branches` adds (or replaces) branches; `tags` maps a tag
         to a branch name or commit; `prs` maps N to the files of `refs/pr/N`. Files of a Xet repo that
-        are in LFS are Xet-backed. Commit shas are derived from the content, so they are stable."""
+        are in LFS are Xet-backed (uploaded to the hub's FakeCas by the real hf_xet when it has one).
+        Commit shas are derived from the content, so they are stable."""
         if repo_type not in URL_PREFIXES:
             raise ValueError(repo_type)
         if gated is True:
@@ -320,6 +332,7 @@ class FakeHub:
         for n, (name, content) in enumerate(heads.items()):
             ref = name if name.startswith("refs/") else f"refs/heads/{name}"
             fake_files = {path: self._make_file(path, data, xet, path in lfs_paths) for path, data in content.items()}
+            fake_files = self._upload_to_cas(fake_files)
             digest = hashlib.sha1(json.dumps([repo_type, repo_id, ref, sorted(
                 (p, f.oid) for p, f in fake_files.items())]).encode()).hexdigest()
             title = "Initial commit" if ref == "refs/heads/main" else f"Update {ref}"
@@ -333,6 +346,17 @@ class FakeHub:
     def _make_file(self, path: str, data: bytes, xet: bool, force_lfs: bool) -> FakeFile:
         lfs = force_lfs or len(data) >= self.lfs_threshold or path.endswith(LFS_SUFFIXES)
         return FakeFile(path, data, lfs=lfs, xet=xet and lfs)
+
+    def _upload_to_cas(self, files: dict[str, FakeFile]) -> dict[str, FakeFile]:
+        """With a CAS, Xet files get their real hash: uploaded once per content, all new ones in one hf_xet run."""
+        if self.cas is None:
+            return files
+        pending = {f.sha256: f.data for f in files.values() if f.xet and f.sha256 not in self._cas_hashes}
+        if pending:
+            hashes = self.cas.upload_bytes(*pending.values())
+            self._cas_hashes.update(zip(pending, hashes))
+        return {path: dataclasses.replace(f, real_xet_hash=self._cas_hashes[f.sha256]) if f.xet else f
+                for path, f in files.items()}
 
     def repo(self, repo_id: str, repo_type: str = "model") -> FakeRepo:
         return self.repos[(repo_type, repo_id)]
@@ -615,8 +639,9 @@ class _Handler(BaseHTTPRequestHandler):
                 token_route = f"{hub.url}/api/{repo_type}s/{repo_id}/xet-read-token/{commit.sha}"
                 headers["X-Xet-Hash"] = file.xet_hash
                 headers["X-Xet-Refresh-Route"] = f"/api/{repo_type}s/{repo_id}/xet-read-token/{commit.sha}"
+                cas_url = hub.cas.url if hub.cas is not None else f"{hub.cdn_url}/xet-cas"
                 headers["Link"] = (f'<{token_route}>; rel="xet-auth", '
-                                   f'<{hub.cdn_url}/xet-cas/v1/reconstructions/{file.xet_hash}>; '
+                                   f'<{cas_url}/v1/reconstructions/{file.xet_hash}>; '
                                    f'rel="xet-reconstruction-info"')
             raise _Reply(302, headers, f"Found. Redirecting to {location}".encode())
         etag = f'"{file.oid}"'
@@ -787,6 +812,8 @@ class _Handler(BaseHTTPRequestHandler):
         expires = int(time.time()) + 3600
         token = "xet_" + hashlib.sha256(f"{repo_id}{expires}".encode()).hexdigest()[:32]
         cas = f"{hub.cdn_url}/xet-cas"
+        if hub.cas is not None:
+            token, cas = hub.cas.token, hub.cas.url
         raise _json(200, {"accessToken": token, "exp": expires, "casUrl": cas},
                     {"X-Xet-Cas-Url": cas, "X-Xet-Access-Token": token, "X-Xet-Token-Expiration": str(expires)})
 

@@ -1,0 +1,268 @@
+"""The fake Xet CAS (tests/servers/fake_cas.py) is faithful: the real hf_xet uploads to it and downloads from it.
+
+Content gets in only through the real client (`hf_xet.upload_files`), so xorbs and shards are real; the real
+huggingface_hub, with HF_ENDPOINT at the fake Hub and hf_xet enabled, then downloads the file from the CAS's
+reconstructions and signed xorb ranges, while plain HTTP would refuse the file (MAX_HTTP_DOWNLOAD_SIZE is lowered
+in the client process). The client's own TCP sockets show which servers it talked to. Each client runs in its
+own process with a clean environment. The last tests break the fake on purpose and watch the client fail.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.servers.fake_cas import FAST_FAILING_XET, FakeCas
+from tests.servers.fake_hub import FakeHub
+
+pytestmark = pytest.mark.real
+
+REPO = "acme/xet-weights"
+SIZE = 6 * 1024 * 1024 + 123  # several xorb-sized reads, not a multiple of any chunk size
+TOKEN = "hf_fake_cas_user_0123456789"
+
+CLIENT = r'''
+import hashlib, json, os, socket, struct, sys, threading, time, traceback
+
+def remote_ports():
+    """Remote ports of this process's TCP sockets (hf_xet connects from Rust, out of Python's sight)."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = set()
+    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+        try:
+            lines = open(table).read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[9] in inodes:
+                ports.add(int(fields[2].split(":")[1], 16))
+    return ports
+
+seen = set()
+done = threading.Event()
+def watch():
+    while not done.is_set():
+        seen.update(remote_ports())
+        time.sleep(0.002)
+
+def run(action, a):
+    import huggingface_hub as hh
+    from huggingface_hub import constants
+    constants.MAX_HTTP_DOWNLOAD_SIZE = 1024  # plain HTTP refuses these files: only Xet can fetch them
+    if action == "download":
+        path = hh.hf_hub_download(a["repo"], a["filename"], revision=a.get("revision"), token=a.get("token"))
+        with open(path, "rb") as f:
+            return {"sha256": hashlib.sha256(f.read()).hexdigest()}
+    if action == "stream":
+        import hf_xet
+        group = hf_xet.XetSession().new_download_stream_group(endpoint=a["endpoint"], token=a["token"],
+                                                              token_expiry_unix_secs=int(time.time()) + 3600)
+        info = hf_xet.XetFileInfo(a["hash"], a["size"])
+        data = b"".join(group.download_stream(info, a["start"], a["end"]))
+        return {"sha256": hashlib.sha256(data).hexdigest(), "length": len(data)}
+    raise ValueError(action)
+
+thread = threading.Thread(target=watch, daemon=True)
+thread.start()
+try:
+    value = run(sys.argv[1], json.loads(sys.argv[2]))
+    result = {"ok": True, "value": value}
+except BaseException as exc:
+    result = {"ok": False, "error": type(exc).__name__, "message": str(exc)[-2000:],
+              "trace": traceback.format_exc()[-3000:]}
+seen.update(remote_ports())  # idle pooled connections are still open here
+done.set()
+result["ports"] = sorted(seen)
+print("@@RESULT@@" + json.dumps(result))
+'''
+
+
+def run_client(tmp_path: Path, action: str, hf_endpoint: str | None = None, **args) -> dict:
+    home = tmp_path / f"client-{len(list(tmp_path.glob('client-*')))}"
+    home.mkdir(parents=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    env.update(FAST_FAILING_XET, HF_HOME=str(home), HF_XET_CACHE=str(home / "xet"), HF_HUB_DISABLE_TELEMETRY="1",
+               HF_HUB_DISABLE_PROGRESS_BARS="1", HF_HUB_ETAG_TIMEOUT="10", HF_HUB_DOWNLOAD_TIMEOUT="20",
+               NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
+    if hf_endpoint:
+        env["HF_ENDPOINT"] = hf_endpoint
+    proc = subprocess.run([sys.executable, "-c", CLIENT, action, json.dumps(args)], env=env, cwd=home,
+                          capture_output=True, text=True, timeout=120)
+    for line in proc.stdout.splitlines():
+        if line.startswith("@@RESULT@@"):
+            result = json.loads(line[len("@@RESULT@@"):])
+            result["stderr"] = proc.stderr[-3000:]
+            return result
+    raise AssertionError(f"client printed no result (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                         f"{proc.stderr[-3000:]}")
+
+
+def ok(result: dict) -> dict:
+    assert result["ok"], f"{result['error']}: {result['message']}\n{result['trace']}\n{result['stderr']}"
+    return result["value"]
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def revisions() -> tuple[bytes, bytes]:
+    """Two versions of a weights file; the second shares about 90 % of its bytes with the first."""
+    rnd = random.Random("fake-cas")
+    first = rnd.randbytes(SIZE)
+    second = bytearray(first)
+    second[SIZE // 2:SIZE // 2 + SIZE // 10] = rnd.randbytes(SIZE // 10)
+    return first, bytes(second)
+
+
+@pytest.fixture
+def cas(tmp_path) -> FakeCas:
+    server = FakeCas.start(tmp_path / "cas")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def hub(tmp_path, cas) -> FakeHub:
+    server = FakeHub.start(tmp_path / "hub", cas=cas)
+    first, second = revisions()
+    server.add_repo(REPO, xet=True, authorized_tokens={TOKEN}, files={
+        "config.json": b'{"model_type": "xet"}', "model.safetensors": first},
+        branches={"v2": {"config.json": b'{"model_type": "xet"}', "model.safetensors": second}})
+    cas.reset_requests()
+    yield server
+    server.stop()
+
+
+def xet_hash(hub: FakeHub, revision: str = "main") -> str:
+    return hub.repo(REPO).resolve(revision).files["model.safetensors"].xet_hash
+
+
+# -- uploads --------------------------------------------------------------------------------------------
+
+
+def test_second_revision_upload_sends_only_the_xorb_bytes_it_does_not_share(cas):
+    first, second = revisions()
+    [first_hash] = cas.upload_bytes(first)
+    first_sent = cas.xorb_bytes_received()
+    [second_hash] = cas.upload_bytes(second)
+    second_sent = cas.xorb_bytes_received() - first_sent
+    assert first_sent >= SIZE, "the first upload did not send the whole file"
+    assert 0 < second_sent < SIZE // 4, f"the second upload sent {second_sent} xorb bytes for ~{SIZE // 10} new ones"
+    assert first_hash != second_hash and cas.file_size(first_hash) == cas.file_size(second_hash) == SIZE
+    shared = {t.xorb_hash for t in cas.files[first_hash]} & {t.xorb_hash for t in cas.files[second_hash]}
+    assert shared, "the second file's shard does not reuse the first file's xorbs"
+    kinds = {r.kind for r in cas.requests()}
+    assert {"xorb-upload", "shard-upload"} <= kinds, kinds
+
+
+# -- downloads by the real client -----------------------------------------------------------------------
+
+
+def test_real_client_downloads_a_xet_file_from_the_fake_cas_and_not_from_the_hub(hub, cas, tmp_path):
+    first, second = revisions()
+    result = run_client(tmp_path, "download", hub.url, repo=REPO, filename="model.safetensors", token=TOKEN)
+    assert ok(result)["sha256"] == sha256(first)
+    reconstructions = cas.requests(kind="reconstruction")
+    assert [r.target for r in reconstructions] == [f"/v2/reconstructions/{xet_hash(hub)}"]
+    assert all(r.status == 200 and r.authorized for r in reconstructions)
+    ranges = cas.requests(kind="xorb-range")
+    assert ranges and all(r.status == 206 and r.range.startswith("bytes=") for r in ranges), ranges
+    assert cas.xorb_bytes_served() >= SIZE
+    # the Hub gave metadata and a token, never the bytes
+    assert hub.count(kind="xet-token") >= 1
+    assert hub.count(kind=("resolve", "resolve-cache", "lfs", "xet-bridge"), method="GET") == 0, hub.downloads()
+    assert cas.port in result["ports"] and cas.transfer_port in result["ports"], result["ports"]
+    assert hub.cdn_port not in result["ports"] and set(result["ports"]) <= {hub.port, cas.port, cas.transfer_port}
+
+    cas.reset_requests()
+    result = run_client(tmp_path, "download", hub.url, repo=REPO, filename="model.safetensors", revision="v2",
+                        token=TOKEN)
+    assert ok(result)["sha256"] == sha256(second)
+    assert [r.target for r in cas.requests(kind="reconstruction")] == [f"/v2/reconstructions/{xet_hash(hub, 'v2')}"]
+
+
+def test_real_client_reads_part_of_a_file_through_a_ranged_reconstruction(hub, cas, tmp_path):
+    first, _ = revisions()
+    start, end = 1_000_003, 2_500_017
+    result = run_client(tmp_path, "stream", endpoint=cas.url, token=cas.token, hash=xet_hash(hub), size=SIZE,
+                        start=start, end=end)
+    assert ok(result) == {"sha256": sha256(first[start:end]), "length": end - start}
+    [reconstruction] = cas.requests(kind="reconstruction")
+    assert reconstruction.range == f"bytes={start}-{end - 1}"
+    assert 0 < cas.xorb_bytes_served() < SIZE // 2, "a partial read fetched more than the chunks it needs"
+
+
+def test_client_falls_back_to_v1_reconstructions_on_a_cas_without_v2(hub, cas, tmp_path):
+    first, _ = revisions()
+    cas.v2 = False
+    result = run_client(tmp_path, "download", hub.url, repo=REPO, filename="model.safetensors", token=TOKEN)
+    assert ok(result)["sha256"] == sha256(first)
+    assert [(r.target, r.status) for r in cas.requests(kind="reconstruction")] == [
+        (f"/v2/reconstructions/{xet_hash(hub)}", 404), (f"/v1/reconstructions/{xet_hash(hub)}", 200)]
+
+
+def test_reconstruction_json_has_the_shape_of_cas_types(hub, cas):
+    headers = {"Authorization": f"Bearer {cas.token}"}
+    v2 = httpx.get(f"{cas.url}/v2/reconstructions/{xet_hash(hub)}", headers=headers).json()
+    assert set(v2) == {"offset_into_first_range", "terms", "xorbs"} and v2["offset_into_first_range"] == 0
+    assert sum(t["unpacked_length"] for t in v2["terms"]) == SIZE
+    assert set(v2["terms"][0]) == {"hash", "unpacked_length", "range"}
+    for fetches in v2["xorbs"].values():
+        for fetch in fetches:
+            assert fetch["url"].startswith(cas.transfer_url) and set(fetch["ranges"][0]) == {"chunks", "bytes"}
+    v1 = httpx.get(f"{cas.url}/v1/reconstructions/{xet_hash(hub)}", headers={**headers, "Range": "bytes=10-20"}).json()
+    assert set(v1) == {"offset_into_first_range", "terms", "fetch_info"} and v1["offset_into_first_range"] == 10
+    [[info]] = v1["fetch_info"].values()
+    assert set(info) == {"range", "url", "url_range"} and info["url_range"]["start"] == 0
+    past_end = httpx.get(f"{cas.url}/v1/reconstructions/{xet_hash(hub)}", headers={**headers, "Range": f"bytes={SIZE}-"})
+    assert past_end.status_code == 416
+
+
+# -- refusals, and the client failing when the fake lies ------------------------------------------------
+
+
+def test_cas_refuses_a_wrong_token_with_401_and_the_client_fails(hub, cas, tmp_path):
+    url = f"{cas.url}/v2/reconstructions/{xet_hash(hub)}"
+    assert httpx.get(url, headers={"Authorization": "Bearer not-the-token"}).status_code == 401
+    assert httpx.get(url).status_code == 401
+    assert httpx.get(url, headers={"Authorization": f"Bearer {cas.token}"}).status_code == 200
+    cas.reset_requests()
+    cas.tokens = {"only-this-one"}  # the token the Hub hands out is refused from now on
+    result = run_client(tmp_path, "download", hub.url, repo=REPO, filename="model.safetensors", token=TOKEN)
+    assert not result["ok"], f"the real client downloaded with a refused token: {result} {cas.requests()}"
+    assert cas.requests() and all(r.status == 401 for r in cas.requests()), cas.requests()
+    assert cas.xorb_bytes_served() == 0
+
+
+def test_real_client_fails_when_the_fake_serves_a_wrong_url_range(hub, cas, tmp_path, monkeypatch):
+    honest = cas.reconstruction_v2
+
+    def shifted(plan):
+        body = honest(plan)
+        for fetches in body["xorbs"].values():
+            for fetch in fetches:
+                for r in fetch["ranges"]:
+                    r["bytes"]["start"] += 8  # skips the first chunk header
+        return body
+
+    monkeypatch.setattr(cas, "reconstruction_v2", shifted)
+    result = run_client(tmp_path, "download", hub.url, repo=REPO, filename="model.safetensors", token=TOKEN)
+    assert not result["ok"], "the client accepted xorb bytes that do not start at a chunk"
+    assert cas.count(kind="xorb-range") >= 1
