@@ -97,6 +97,54 @@ def _size_on_disk(files: BlobStore, digest: str) -> int | None:
     return found.size if found is not None else None
 
 
+@dataclass(frozen=True)
+class EntryDigests:
+    """What one entry of a set consisted of at its last good prefetch, and when."""
+
+    digests: list[str]
+    at: float
+
+
+class EntryPins:
+    """Each entry's digests from its last good prefetch (by any node or command), saved in the index
+    as one reference per set; the set's pins are written from them, and are exactly the digests of
+    the entries listed now. An entry that cannot be fetched keeps its last good digests, across
+    restarts and nodes; pins from before entries were recorded ("unattributed") are kept until
+    every listed entry has digests of its own."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._mine: dict[str, dict[str, EntryDigests]] = {}  # this process's good prefetches
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def record(self, name: str, label: str, digests: list[str]) -> None:
+        self._mine.setdefault(name, {})[label] = EntryDigests(list(digests), time.time())
+
+    async def write(self, name: str, labels: list[str]) -> None:
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            entries, unattributed = await self._saved(name)  # read again: another node may have written since
+            for label, mine in self._mine.get(name, {}).items():
+                if label not in entries or entries[label].at < mine.at:
+                    entries[label] = mine
+            kept = {label: entries[label] for label in labels if label in entries}
+            digests = {d for entry in kept.values() for d in entry.digests}
+            if len(kept) < len(labels):
+                digests |= unattributed
+            else:
+                unattributed = set()
+            await self._store.pin(name, sorted(digests))
+            meta = {"entries": {label: {"digests": e.digests, "at": e.at} for label, e in kept.items()},
+                    "unattributed": sorted(unattributed)}
+            await self._store.refs.put(Reference(ENTRY_DIGESTS, name, "", time.time(), 0.0, {}, meta))
+
+    async def _saved(self, name: str) -> tuple[dict[str, EntryDigests], set[str]]:
+        saved = await self._store.refs.get(ENTRY_DIGESTS, name)
+        if saved is None:  # never recorded: whatever the set has pinned is unattributed
+            return {}, set((await self._store.pinned()).get(name, ()))
+        entries = {label: EntryDigests(list(e["digests"]), float(e["at"])) for label, e in saved.meta.get("entries", {}).items()}
+        return entries, set(saved.meta.get("unattributed", ()))
+
+
 class ResourceSets:
     """Every configured set: what it lists now (its own entries and its subscription's), what each
     entry's last prefetch pinned, and the pins in the index, which are always exactly the digests
@@ -112,8 +160,8 @@ class ResourceSets:
         self._states: dict[tuple[str, str], ResourceState] = {}
         self._locks: dict[str, asyncio.Lock] = {}  # one prefetch of a set at a time
         self._pin_locks: dict[str, asyncio.Lock] = {}  # short: the pins are written from what is listed now
-        self._entry_digests: dict[str, dict[str, list[str]]] = {}  # set -> label -> digests
-        self._unattributed: set[str] = set()  # sets pinned before each entry's digests were saved
+        self._pins = EntryPins(store)
+        self._generations: dict[str, int] = {}  # bumped when a set's listing changes: a full prefetch is due
         self.subscriptions = {
             s.name: Subscription(s, store.refs, http, offline) for s in sets if s.url is not None
         }
@@ -141,10 +189,11 @@ class ResourceSets:
         await asyncio.gather(*(self._follow(name) for name in self.sets))
 
     async def _follow(self, name: str) -> None:
-        wanted = asyncio.Event()
-        wanted.set()  # every set is prefetched once at start
-        worker = asyncio.create_task(self._prefetch_when(name, wanted), name=f"prefetch {name}")
+        """The set's loop: its listing read (a subscribed set: again every `refresh`), then the
+        prefetch worker started; a changed listing or a failed entry wakes it."""
         subscription = self.subscriptions.get(name)
+        wanted = asyncio.Event()
+        worker: asyncio.Task[None] | None = None
         try:
             while True:
                 try:
@@ -152,23 +201,32 @@ class ResourceSets:
                 except Exception:
                     log.exception("resource set %s: refresh failed", name)
                     changed = False
-                if changed or self._failed(name):
+                if worker is None:  # after the first read: a prefetch before it would find nothing listed yet
+                    wanted.set()
+                    worker = asyncio.create_task(self._prefetch_when(name, wanted), name=f"prefetch {name}")
+                elif changed or self._failed(name):
                     wanted.set()
                 if subscription is None:
                     await worker  # a static set: one prefetch
                     return
                 await asyncio.sleep(subscription.resource_set.refresh)
         finally:
-            worker.cancel()
+            if worker is not None:
+                worker.cancel()
 
     async def _prefetch_when(self, name: str, wanted: asyncio.Event) -> None:
+        """Prefetch when woken: everything after a change of the listing, else only the entries
+        whose last prefetch failed (one bad entry must not refetch the whole set every refresh)."""
+        done = -1
         while True:
             await wanted.wait()
             wanted.clear()
+            generation = self._generations.get(name, 0)
             try:
-                await self.prefetch(name)
+                await self.prefetch(name, only_failed=generation == done)
             except Exception:
                 log.exception("prefetch of resource set %s failed", name)
+            done = generation
             if name not in self.subscriptions:
                 return
 
@@ -185,6 +243,7 @@ class ResourceSets:
         changed = await subscription.refresh()
         self._lend_s3(subscription)
         if changed:
+            self._generations[name] = self._generations.get(name, 0) + 1
             await self._write_pins(name)
         return changed
 
@@ -210,13 +269,16 @@ class ResourceSets:
         return await self.prefetch(name)
 
     # -- prefetch --------------------------------------------------------------------------------
-    async def prefetch(self, name: str) -> dict[str, Any]:
-        """Fetch every resource of the set and pin what it consists of; the listing afterwards. A
-        resource whose fetch fails keeps what its last good prefetch pinned."""
+    async def prefetch(self, name: str, *, only_failed: bool = False) -> dict[str, Any]:
+        """Fetch every resource of the set (`only_failed`: those whose last prefetch failed) and pin
+        what it consists of; the listing afterwards. A resource whose fetch fails keeps what its
+        last good prefetch pinned."""
         async with self._locks.setdefault(name, asyncio.Lock()):
-            images, remote = self.entries(name)
             platforms = self.sets[name].platforms
-            for label in [*images, *(r.display_url for r in remote)]:
+            for label in self.labels(name):
+                state = self._states.get((name, label))
+                if only_failed and state is not None and state.error is None:
+                    continue
                 await self._run(name, label, platforms)
             await self._write_pins(name)
         return await self.listing(name)
@@ -235,37 +297,18 @@ class ResourceSets:
             log.warning("resource set %s: %s failed: %s", name, label, state.error)
         self._states[(name, label)] = state
         if state.error is None:
-            (await self._saved_digests(name))[label] = state.digests
+            self._pins.record(name, label, state.digests)
         return state
 
     # -- pins ------------------------------------------------------------------------------------
-    async def _saved_digests(self, name: str) -> dict[str, list[str]]:
-        """Each entry's digests as its last good prefetch found them (saved in the index, so a
-        restart that cannot fetch an entry still keeps its pins)."""
-        if name not in self._entry_digests:
-            saved = await self._store.refs.get(ENTRY_DIGESTS, name)
-            if saved is None:
-                self._unattributed.add(name)
-            self._entry_digests[name] = {k: list(v) for k, v in saved.meta["entries"].items()} if saved else {}
-        return self._entry_digests[name]
-
     async def _write_pins(self, name: str) -> None:
-        """Pin exactly the digests of the entries listed now, and save them per entry. An entry
-        never prefetched here, while nothing was ever saved (pins from before entries were
-        remembered), keeps every pin the set has: nothing is unpinned on a guess."""
-        async with self._pin_locks.setdefault(name, asyncio.Lock()):
-            labels = self.labels(name)
-            known = await self._saved_digests(name)
-            kept = {label: known[label] for label in labels if label in known}
-            digests = {d for ds in kept.values() for d in ds}
-            if name in self._unattributed:
-                if len(kept) < len(labels):
-                    digests.update((await self._store.pinned()).get(name, ()))
-                else:
-                    self._unattributed.discard(name)
-            await self._store.pin(name, sorted(digests))
-            self._entry_digests[name] = kept
-            await self._store.refs.put(Reference(ENTRY_DIGESTS, name, "", time.time(), 0.0, {}, {"entries": kept}))
+        """Pin what the set lists now. A subscribed set whose listing was never read (a new URL,
+        the dashboard down at the first start) lists nothing yet: its pins are left alone."""
+        subscription = self.subscriptions.get(name)
+        if subscription is not None and subscription.listing is None:
+            return
+        await self._pins.write(name, self.labels(name))
+
     # -- the listing ---------------------------------------------------------------------------------
     async def listing(self, name: str) -> dict[str, Any]:
         """The seed's JSON shape (`required_images`, `required_remote_resources` with type and url)

@@ -13,6 +13,7 @@ reported on its own and the others are taken.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 LISTINGS = "set-listing"  # the index's references: one per subscribed set, the last good listing
 MAX_LISTING_BYTES = 4 * 1024 * 1024  # thousands of entries; more is not a market's listing
 MAX_ENTRY_ERRORS = 100
+LISTING_TIMEOUT = 60.0  # a whole read, however slowly the dashboard trickles
 _REMOTE_FIELD = {"S3": "url", "HTTPS": "url", "HF": "repo", "IPFS": "cid"}
 
 
@@ -127,10 +129,21 @@ def remote_resource(entry: object) -> RemoteResource:
             fields["cid"] = parsed.url
     if kind in ("S3", "HTTPS") and isinstance(url, str):
         parse_resource(url)  # a URL pullthrough reads (no spaces, control characters, unknown schemes)
+    if kind == "S3" and isinstance(url, str) and url.startswith("s3://"):
+        _check_s3_url(url)
     try:
         return RemoteResource(type=kind, **fields)
     except ValidationError as exc:
         raise ResourceError("; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())) from None
+
+
+def _check_s3_url(url: str) -> None:
+    """A listed S3 URL names an object or a prefix: never a whole bucket (the listing would lend
+    every key of it), no empty or dot segments."""
+    _, _, key = url.removeprefix("s3://").partition("/")
+    parts = key.removesuffix("/").split("/")
+    if not key.strip("/") or any(part in ("", ".", "..") for part in parts):
+        raise ResourceError(f"{url[:200]}: a listed S3 URL names an object or a prefix (s3://bucket/key or s3://bucket/prefix/), not a whole bucket")
 
 
 def _shown(entry: object) -> str:
@@ -157,32 +170,54 @@ class Subscription:
         assert self.resource_set.url is not None
         return self.resource_set.url
 
+    @property
+    def _url_key(self) -> str:
+        """The URL as the index keeps it: hashed (a signed URL's query is a credential)."""
+        return hashlib.sha256(self.url.encode()).hexdigest()
+
     async def load(self) -> None:
         """The listing saved by the last good read (by any node sharing the index), if any."""
-        if self.listing is not None:
-            return
-        saved = await self.refs.get(LISTINGS, self.resource_set.name)
-        if saved is not None and saved.meta.get("url") == self.url:
-            self.listing = Listing.from_json(dict(saved.meta["listing"]))
-            self.validators = dict(saved.validators)
-            self.updated_at = saved.fetched_at
+        if self.listing is None:
+            await self._adopt_saved()
+
+    async def _adopt_saved(self) -> bool:
+        """Take the saved listing when it is newer than ours (another node read it since); whether
+        the listing changed. One this version cannot read counts as none."""
+        try:
+            saved = await self.refs.get(LISTINGS, self.resource_set.name)
+            if saved is None or saved.meta.get("url") != self._url_key or saved.fetched_at <= (self.updated_at or 0):
+                return False
+            listing = Listing.from_json(dict(saved.meta["listing"]))
+        except Exception as exc:  # noqa: BLE001 - a newer version's listing, an index away: read the URL instead
+            log.warning("resource set %s: the saved listing cannot be used: %s", self.resource_set.name, exc)
+            return False
+        changed = listing != self.listing
+        self.listing, self.validators, self.updated_at = listing, dict(saved.validators), saved.fetched_at
+        return changed
 
     async def refresh(self) -> bool:
         """Read the listing again; whether it changed. Failures are kept in `error`, never raised."""
+        changed = False
+        try:
+            changed = await self._read()
+        finally:
+            self.checked_at = time.time()
+        return changed
+
+    async def _read(self) -> bool:
         await self.load()
-        self.checked_at = time.time()
         if self.offline:
             self.error = "offline: the listing was not read (the saved one is used)"
             return False
         try:
-            listing, validators = await self._fetch()
+            listing, validators = await asyncio.wait_for(self._fetch(), LISTING_TIMEOUT)
         except Exception as exc:  # noqa: BLE001 - any failure keeps the last good listing, and says why
             self.error = f"{self._url_for_log()}: {_cause(exc)}"
             log.warning("resource set %s: the listing could not be read, the last good one is kept: %s",
                         self.resource_set.name, self.error)
-            return False
+            return await self._adopt_saved()  # another node of the fleet may have read it
         self.error = None
-        self.updated_at = self.checked_at
+        self.updated_at = time.time()
         if listing is None:  # 304: unchanged
             return False
         changed = listing != self.listing
@@ -220,8 +255,8 @@ class Subscription:
         digest = "sha256:" + hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
         try:
             await self.refs.put(Reference(
-                LISTINGS, self.resource_set.name, digest, time.time(), 0.0, self.validators,
-                {"url": self.url, "listing": document},
+                LISTINGS, self.resource_set.name, digest, self.updated_at or time.time(), 0.0, self.validators,
+                {"url": self._url_key, "listing": document},
             ))
         except Exception as exc:  # noqa: BLE001 - the listing is in use in memory; saving is for the next start
             log.warning("resource set %s: cannot save the listing: %s", self.resource_set.name, exc)
@@ -244,6 +279,8 @@ class Subscription:
 
 def _cause(exc: BaseException) -> str:
     """What went wrong, in a few words: the exception's own message or its type."""
+    if isinstance(exc, TimeoutError):
+        return f"no whole answer within {LISTING_TIMEOUT:.0f} s"
     if isinstance(exc, httpx.HTTPError):
         inner = exc.__context__ or exc.__cause__
         detail = str(exc) or (str(inner) if inner else "") or type(exc).__name__

@@ -5,15 +5,18 @@ that does not log headers itself (moto)."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 
 
 class Forwarder(ThreadingHTTPServer):
-    """Forwards every request to `target` and records (method, path, headers)."""
+    """Forwards every request to `target` and records (method, path, headers). `status_for(method,
+    path, headers, upstream_status)` may answer another status (and an empty body) in the
+    upstream's place: a real S3 refuses what moto allows."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, status_for: Callable[[str, str, dict[str, str], int], int] | None = None) -> None:
         self.seen: list[tuple[str, str, dict[str, str]]] = []
         recorder = self
 
@@ -27,6 +30,12 @@ class Forwarder(ThreadingHTTPServer):
                 body = self.rfile.read(length) if length else None
                 upstream = httpx.request(self.command, target + self.path, headers={
                     k: v for k, v in headers.items() if k not in ("host", "connection")}, content=body, timeout=60)
+                status = status_for(self.command, self.path, headers, upstream.status_code) if status_for else upstream.status_code
+                if status != upstream.status_code:
+                    self.send_response(status)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 self.send_response(upstream.status_code)
                 for name, value in upstream.headers.items():
                     if name.lower() not in ("transfer-encoding", "connection", "content-length", "content-encoding"):

@@ -90,6 +90,8 @@ class S3Clients:
             else:
                 self._health.gave_up(upstream, failure)
             raise _client_error(exc, status, bucket.name, key) from None
+        except (botocore.exceptions.NoCredentialsError, botocore.exceptions.PartialCredentialsError):
+            raise ObjectError(403, "AccessDenied", f"no credentials to read s3://{bucket.name}/{key}") from None
         except (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectTimeoutError,
                 botocore.exceptions.ReadTimeoutError, botocore.exceptions.SSLError,
                 botocore.exceptions.ConnectionClosedError, OSError) as exc:

@@ -80,7 +80,7 @@ class S3Mirror:
         self._store = store
         self._objects = ObjectMirror(store, SOURCE)
         self._listed: dict[str, frozenset[str]] = {}  # resource set -> the s3:// URLs its subscription lists
-        self._signed: set[str] = set()  # listed buckets that refused unsigned requests
+        self._signed: set[str] = set()  # scopes of listed URLs whose bucket reads only with the default credentials
 
     def routes(self) -> list[BaseRoute]:
         return [Route("/s3/{rest:path}", self.dispatch, methods=["GET", "HEAD"])]
@@ -103,6 +103,8 @@ class S3Mirror:
             self._listed[resource_set] = listed
         else:
             self._listed.pop(resource_set, None)
+        live = {f"s3:{url.removeprefix('s3://').rstrip('/')}" for urls in self._listed.values() for url in urls}
+        self._signed &= live  # a URL that left every listing starts unsigned again if it comes back
 
     async def aclose(self) -> None:
         if self._clients is not None:
@@ -138,8 +140,8 @@ class S3Mirror:
         covering = sorted(prefix.rstrip("/") for prefix in self._listed_prefixes(bucket_name) if _covers(prefix, key))
         if not covering:
             raise ObjectError(403, "BucketNotConfigured", f"bucket {bucket_name[:64]!r} is not served by this mirror: add it to [s3] buckets")
-        signed = bucket_name in self._signed
-        return Grant(S3Bucket(name=bucket_name, anonymous=not signed), ReadScope(f"s3:{bucket_name}/{covering[0]}"), listed=True)
+        scope = ReadScope(f"s3:{bucket_name}/{covering[0]}")
+        return Grant(S3Bucket(name=bucket_name, anonymous=str(scope) not in self._signed), scope, listed=True)
 
     def _listed_prefixes(self, bucket_name: str) -> list[str]:
         """The keys and prefixes of the bucket that subscribed listings name now."""
@@ -163,17 +165,25 @@ class S3Mirror:
 
     async def _asking(self, grant: Grant, call: Callable[[S3Bucket], Awaitable[T]]) -> tuple[T, S3Bucket]:
         """`call` on the grant's bucket, and the bucket (the way of asking) that answered. A listed
-        bucket that refuses unsigned requests is asked again, and from then on, with the section's
-        default credentials: "public, or covered by the default credentials"."""
+        URL whose bucket refuses an unsigned request is asked again with the section's default
+        credentials ("public, or covered by the default credentials"), and asked signed from then
+        on only once that succeeded: a public bucket also refuses unsigned requests for keys it
+        does not have, and a caller asking for one must not turn its reads signed."""
         try:
             return await call(grant.bucket), grant.bucket
         except ObjectError as exc:
             if not (grant.listed and grant.bucket.anonymous and exc.status == 403):
                 raise
-        log.info("s3://%s refused an unsigned request: asking with the default credentials", grant.bucket.name)
-        self._signed.add(grant.bucket.name)
+            refused = exc
         signed = S3Bucket(name=grant.bucket.name)
-        return await call(signed), signed
+        try:
+            answer = await call(signed)
+        except ObjectError:
+            raise refused from None
+        if str(grant.scope) not in self._signed:
+            log.info("s3://%s refused unsigned requests under %s: read with the default credentials", grant.bucket.name, grant.scope)
+            self._signed.add(str(grant.scope))
+        return answer, signed
 
     async def probe(self, grant: Grant, key: str) -> Version:
         head, bucket = await self._asking(grant, lambda bucket: self.clients.head(bucket, key))
@@ -194,9 +204,10 @@ class S3Mirror:
             try:
                 return [(key.rsplit("/", 1)[-1], await self._fetch(bucket_name, key))]
             except ObjectError as exc:
-                # Not an object: a prefix (with the slash, so …/8 does not take …/80). With the
-                # endpoint unreachable (or offline), the prefix's cached listing may still answer.
-                if exc.code != "NoSuchKey" and not isinstance(exc, Unreachable):
+                # Not an object: a prefix (with the slash, so …/8 does not take …/80). A public
+                # bucket refuses (403) a key it does not have; with the endpoint unreachable (or
+                # offline) the prefix's cached listing may still answer.
+                if exc.code not in ("NoSuchKey", "AccessDenied") and not isinstance(exc, Unreachable):
                     raise
                 key += "/"
         listing = json.loads((await self._listing(self.allowed(bucket_name, key), key, method=None)).data)
