@@ -2,8 +2,8 @@
 
 Answers at a commit never change and are kept until purged; answers for a branch or tag are kept
 for `revision_ttl` and served stale while the Hub is away. Xet fields are removed (so the client
-fetches bytes through the mirror, not from the Xet CAS) and pagination links point back at the
-mirror.
+fetches bytes through the mirror, not from the Xet CAS) unless [hf] xet = "native" (the mirror's
+own CAS serves them then), and pagination links point back at the mirror.
 """
 
 from __future__ import annotations
@@ -47,12 +47,13 @@ def strip_xet(value: Any) -> Any:
     return value
 
 
-def mirror_links(header: str, upstream_base: str) -> str:
-    """A Link header with upstream URLs made mirror-relative ("/api/…") and xet relations dropped."""
+def mirror_links(header: str, upstream_base: str, *, keep_xet: bool = False) -> str:
+    """A Link header with upstream URLs made mirror-relative ("/api/…") and xet relations dropped
+    (unless the mirror speaks Xet: then they point at the mirror too)."""
     kept = []
     for match in _LINK_PART.finditer(header):
         url, params = match.group(1), match.group(2)
-        if "xet" in params.lower():
+        if "xet" in params.lower() and not keep_xet:
             continue
         if url.startswith(upstream_base):
             url = url[len(upstream_base):]
@@ -88,7 +89,9 @@ class ApiService:
         except TooLarge:
             raise HfError(413, f"request body larger than {MAX_BODY} bytes") from None
         query = [(k, v) for k, v in request.query_params.multi_items() if k in API_PARAMETERS and len(v) <= 256]
-        key = _cache_key(request.method, path, query, body)
+        native = self._config.xet == "native"
+        # Answers with and without Xet fields are different documents: the mode is part of the key.
+        key = _cache_key(request.method, path, query, body) + (" xet" if native else "")
         immutable = revision is not None and is_commit(revision)
 
         async def fetch() -> Document:
@@ -104,10 +107,11 @@ class ApiService:
                 raise UpstreamHfError.from_response(response)
             data, content_type = response.content, response.headers.get("content-type", "application/json")
             if content_type.startswith("application/json"):
-                parsed = strip_xet(json.loads(data))
+                parsed = json.loads(data)
+                parsed = parsed if native else strip_xet(parsed)
                 data = json.dumps(parsed, separators=(",", ":")).encode()
                 await self._note_commit(repo, revision, parsed)
-            link = mirror_links(response.headers.get("link", ""), self._client.base_url)
+            link = mirror_links(response.headers.get("link", ""), self._client.base_url, keep_xet=native)
             return Document(data, content_type, {"link": link})
 
         item, ref = await self._store.small_objects.document(

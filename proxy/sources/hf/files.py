@@ -57,6 +57,7 @@ class FileMeta:
     missing: bool = False  # EntryNotFound at this commit (kept: transformers probes optional files)
     error_body: str = ""
     hub_etag: str = ""  # the ETag header as the Hub sent it (for LFS, the pointer's git id)
+    xet_hash: str = ""  # X-Xet-Hash: the file's Xet Merkle hash, when the Hub stores it in Xet
 
     def as_meta(self) -> dict[str, object]:
         return {
@@ -68,6 +69,7 @@ class FileMeta:
             "missing": self.missing,
             "error_body": self.error_body,
             "hub_etag": self.hub_etag,
+            "xet_hash": self.xet_hash,
         }
 
     @classmethod
@@ -81,6 +83,7 @@ class FileMeta:
             missing=bool(meta.get("missing")),
             error_body=str(meta.get("error_body") or ""),
             hub_etag=str(meta.get("hub_etag") or ""),
+            xet_hash=str(meta.get("xet_hash") or ""),
         )
 
 
@@ -123,6 +126,8 @@ class FileService:
         if meta.missing:
             raise HfError(404, meta.error_body or f"{path} does not exist at {commit}", code="EntryNotFound", headers=headers)
         headers.update(_file_headers(meta))
+        if self._config.xet == "native" and meta.xet_hash:
+            headers.update(xet_headers(repo, commit, meta.xet_hash, str(request.base_url)))
         return await self._store.serve(
             self._request(repo, commit, path, meta, token),
             method=request.method, range_header=request.headers.get("range"), headers=headers, media_type=meta.content_type,
@@ -144,7 +149,9 @@ class FileService:
             return meta.size  # the Hub's metadata for this repo names the file, for a caller it accepts
 
         async def remember_sha256(blob: BlobFile) -> None:
-            known = FileMeta(meta.etag, meta.size, False, blob.digest.hex, meta.content_type, hub_etag=meta.hub_etag)
+            known = FileMeta(
+                meta.etag, meta.size, False, blob.digest.hex, meta.content_type, hub_etag=meta.hub_etag, xet_hash=meta.xet_hash
+            )
             await self._remember_file(repo, commit, path, known)
 
         regular = not meta.lfs
@@ -252,7 +259,21 @@ def _meta_from_head(response: httpx.Response) -> FileMeta:
         raise HubUnavailable("the Hub's answer lacked the file's ETag or size")
     lfs = bool(_HEX64.match(etag))
     content_type = "application/octet-stream" if response.is_redirect else headers.get("content-type", "application/octet-stream")
-    return FileMeta(etag, int(size_text), lfs, etag if lfs else None, content_type, hub_etag=headers.get("etag", ""))
+    xet_hash = headers.get("x-xet-hash", "")
+    return FileMeta(
+        etag, int(size_text), lfs, etag if lfs else None, content_type, hub_etag=headers.get("etag", ""),
+        xet_hash=xet_hash if _HEX64.match(xet_hash) else "",
+    )
+
+
+def xet_headers(repo: Repo, commit: str, xet_hash: str, base_url: str) -> dict[str, str]:
+    """What tells huggingface_hub to fetch the file with hf_xet, through this mirror's token route."""
+    route = f"/api/{repo.api_kind}/{repo.id}/xet-read-token/{commit}"
+    return {
+        "X-Xet-Hash": xet_hash,
+        "X-Xet-Refresh-Route": route,
+        "Link": f'<{base_url.rstrip("/")}{route}>; rel="xet-auth"',
+    }
 
 
 def _file_headers(meta: FileMeta) -> dict[str, str]:

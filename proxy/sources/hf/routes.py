@@ -22,6 +22,7 @@ from proxy.sources.hf.errors import HfError, HubUnavailable, NotFound, UpstreamH
 from proxy.sources.hf.files import MISSING, FileService
 from proxy.sources.hf.names import REPO_TYPES, Repo, parse_file_path, parse_repo, parse_revision, quote_revision, raw_segments
 from proxy.sources.hf.upstream import HubClient
+from proxy.sources.hf.xet import CAS_PREFIX, XetService
 from proxy.sources.source import ttl_rule
 from proxy.store.janitor import TtlRule
 from proxy.store.records import Reference
@@ -30,7 +31,7 @@ from proxy.upstreams import UpstreamHealth
 
 log = logging.getLogger(__name__)
 
-_API_ACTIONS = {"revision", "tree", "paths-info", "refs", "auth-check"}
+_API_ACTIONS = {"revision", "tree", "paths-info", "refs", "auth-check", "xet-read-token"}
 SNAPSHOTS = "hf-snapshot"  # a repo's file list at a revision, as the last prefetch saw it
 
 
@@ -49,6 +50,7 @@ class HfMirror:
         self.access = AccessGuard(config, self.client, store)
         self.files = FileService(config, self.client, store, self.access)
         self.api = ApiService(config, self.client, store, self.access, self.files)
+        self.xet = XetService(config, self.client, store, self.access, http, blobs) if config.xet == "native" else None
 
     @staticmethod
     def purge_rules(settings: Settings) -> list[TtlRule]:
@@ -90,7 +92,8 @@ class HfMirror:
         return [(path, *await self.files.fetch(repo, commit, path, token)) for path in files]
 
     def routes(self) -> list[BaseRoute]:
-        return [
+        cas = [Route(CAS_PREFIX + "/{rest:path}", self.dispatch_cas, methods=["GET", "HEAD"])] if self.xet else []
+        return cas + [
             Route("/api/{rest:path}", self.dispatch_api, methods=["GET", "HEAD", "POST"]),
             Route("/{rest:path}", self.dispatch_resolve, methods=["GET", "HEAD"]),
         ]
@@ -100,6 +103,10 @@ class HfMirror:
 
     async def dispatch_resolve(self, request: Request) -> Response:
         return await self._guarded(request, self._resolve)
+
+    async def dispatch_cas(self, request: Request) -> Response:
+        assert self.xet is not None  # routed only when xet = "native"
+        return await self._guarded(request, self.xet.cas)
 
     async def _guarded(self, request: Request, handler: Callable[[Request], Awaitable[Response]]) -> Response:
         try:
@@ -151,6 +158,8 @@ class HfMirror:
             return await self.api.answer(repo, path, revision, request, token)
         if action == "refs" and not tail:
             return await self.api.answer(repo, f"/api/{repo.api_kind}/{repo.id}/refs", None, request, token)
+        if action == "xet-read-token" and len(tail) == 1 and self.xet is not None:
+            return await self.xet.read_token(repo, parse_revision(tail[0]), request, token)
         if action == "auth-check" and not tail:
             return await self.api.auth_check(repo, token)
         raise NotFound(f"no route for {request.url.path[:200]}")

@@ -1,0 +1,284 @@
+"""Native Xet through the mirror ([hf] xet = "native"), with the real huggingface_hub + hf_xet.
+
+Upstream is the fake Hub wired to the fake CAS (tests/servers/fake_cas.py), whose xorbs and shards
+the real hf_xet uploaded. Each client runs in its own process with a fresh HF_HOME and
+`MAX_HTTP_DOWNLOAD_SIZE` lowered, so that plain HTTP refuses the file and only the Xet path can
+fetch it; its TCP sockets are read from /proc while it runs (hf_xet connects from Rust).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+
+from proxy.sources.hf.xetformat import DigestMismatch, verify_xorb
+from tests.servers.fake_cas import FAST_FAILING_XET, FakeCas
+from tests.servers.fake_hub import FakeHub
+from tests.servers.ports import free_port
+from tests.servers.pullthrough import Pullthrough, render_config
+from tests.xet_sockets import SocketWatch
+
+pytestmark = pytest.mark.real
+
+ALICE = "hf_alice_is_authorized_0123456789"
+BOB = "hf_bob_is_a_valid_user_9876543210"
+SERVICE = "hf_pullthrough_service_token_42"
+XET_MODEL = "acme/xet-model"
+GATED = "acme/gated-xet-model"
+
+
+def payload(seed: str, size: int) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+def compressible(seed: str, size: int) -> bytes:
+    """Text-like and float-like bytes, so that hf_xet writes LZ4 and byte-grouped chunks too."""
+    rnd = random.Random(seed)
+    words = b"".join(rnd.choice([b"tensor ", b"weight ", b"bias ", b"layer.0 ", b"\n"]) for _ in range(size // 12))
+    floats = b"".join(rnd.getrandbits(16).to_bytes(2, "little") + b"\x80\x3f" for _ in range(size // 8))
+    return (words + floats)[:size]
+
+
+MODEL_BYTES = payload("xet-model", 3 * 1024 * 1024 + 5) + compressible("xet-model", 1024 * 1024)
+GATED_BYTES = payload("gated-xet", 1024 * 1024 + 3)
+
+
+# -- servers ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cas(tmp_path) -> FakeCas:
+    server = FakeCas.start(tmp_path / "cas")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def hub(tmp_path, cas) -> FakeHub:
+    server = FakeHub.start(tmp_path / "hub", cas=cas)
+    server.add_repo(XET_MODEL, xet=True, files={
+        "config.json": b'{"model_type": "xet"}',
+        "model.safetensors": MODEL_BYTES,
+    })
+    server.add_repo(GATED, xet=True, gated=True, authorized_tokens={ALICE}, files={
+        "config.json": b'{"model_type": "gated"}',
+        "model.safetensors": GATED_BYTES,
+    })
+    server.add_token(BOB)
+    server.add_token(SERVICE)
+    yield server
+    server.stop()
+
+
+def start_mirror(tmp_path: Path, hub: FakeHub, xet: str) -> Pullthrough:
+    cache_dir, workdir = tmp_path / "pt", tmp_path / "pt.run"
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    top = {"listen": f"127.0.0.1:{port}", "cache_dir": str(cache_dir), "log_level": "debug", "access_log": True}
+    hf = [f'url = "{hub.url}"', 'revision_ttl = "5m"', 'token_env = "PT_HF_SERVICE"', f'xet = "{xet}"']
+    text = render_config(top, []) + "\n[hf]\n" + "\n".join(hf) + "\n"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PULLTHROUGH_", "HF_"))}
+    env["PT_HF_SERVICE"] = SERVICE
+    server = Pullthrough(cache_dir, port, text, workdir, env)
+    server._launch(60.0)
+    return server
+
+
+@pytest.fixture
+def mirror(tmp_path, hub):
+    server = start_mirror(tmp_path, hub, "native")
+    yield server
+    server.stop()
+    print("--- pullthrough log (tail) ---\n" + "\n".join(server.log_text().splitlines()[-60:]))
+
+
+# -- the client ---------------------------------------------------------------------------------------
+
+CLIENT = r'''
+import hashlib, json, os, sys, traceback
+import huggingface_hub as hh
+from huggingface_hub import constants
+a = json.loads(sys.argv[1])
+if a.get("max_http") is not None:
+    constants.MAX_HTTP_DOWNLOAD_SIZE = a["max_http"]  # plain HTTP refuses anything larger: only Xet can fetch it
+try:
+    path = hh.hf_hub_download(a["repo"], a["filename"], token=a.get("token") or False)
+    with open(path, "rb") as f:
+        result = {"ok": True, "sha256": hashlib.sha256(f.read()).hexdigest()}
+except BaseException as exc:
+    result = {"ok": False, "error": type(exc).__name__, "message": str(exc)[-2000:], "trace": traceback.format_exc()[-3000:]}
+print("@@RESULT@@" + json.dumps(result))
+'''
+
+
+def download(endpoint: str, home: Path, repo: str, filename: str, *, token: str | None = None, xet: bool = True,
+             watch: SocketWatch | None = None) -> dict:
+    """One hf_hub_download in its own process; its remote TCP endpoints go to `watch` while it runs."""
+    home.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    env.update(FAST_FAILING_XET, HF_HOME=str(home), HF_ENDPOINT=endpoint, HF_HUB_DISABLE_TELEMETRY="1",
+               HF_HUB_DISABLE_PROGRESS_BARS="1", HF_HUB_ETAG_TIMEOUT="10", HF_HUB_DOWNLOAD_TIMEOUT="20",
+               NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
+    if not xet:
+        env["HF_HUB_DISABLE_XET"] = "1"
+    args = {"repo": repo, "filename": filename, "token": token, "max_http": 1000 if xet else None}
+    proc = subprocess.Popen([sys.executable, "-c", CLIENT, json.dumps(args)], env=env, cwd=home,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if watch is not None:
+        watch.follow(proc.pid)
+    out, err = proc.communicate(timeout=120)
+    if watch is not None:
+        watch.stop()
+    for line in out.splitlines():
+        if line.startswith("@@RESULT@@"):
+            result = json.loads(line[len("@@RESULT@@"):])
+            result["stderr"] = err[-3000:]
+            return result
+    raise AssertionError(f"the client printed no result (exit {proc.returncode}):\n{out[-2000:]}\n{err[-3000:]}")
+
+
+def ok(result: dict) -> str:
+    assert result["ok"], f"{result['error']}: {result['message']}\n{result['trace']}\n{result['stderr']}"
+    return result["sha256"]
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# -- the xorb verifier, on xorbs the real hf_xet wrote --------------------------------------------------
+
+
+def test_xorbs_written_by_hf_xet_verify_and_tampered_ones_do_not(tmp_path, cas):
+    cas.upload_bytes(payload("a", 2 * 1024 * 1024), compressible("b", 2 * 1024 * 1024))
+    assert cas.xorbs
+    schemes = set()
+    for xorb_hash, data in cas.xorbs.items():
+        verify_xorb(data, xorb_hash)
+        schemes |= {layout for layout in _schemes(data)}
+    assert {0, 1, 2} & schemes and len(schemes) >= 2, f"chunk compressions seen: {schemes}"
+    xorb_hash, data = next(iter(cas.xorbs.items()))
+    flipped = bytearray(data)
+    flipped[len(data) // 3] ^= 0x01
+    other = next((h for h in cas.xorbs if h != xorb_hash), "0" * 64)
+    for bad, expected in ((bytes(flipped), xorb_hash), (data[: len(data) // 2], xorb_hash), (data, other),
+                          (b"not a xorb at all", xorb_hash)):
+        with pytest.raises(DigestMismatch):
+            verify_xorb(bad, expected)
+
+
+def _schemes(data: bytes) -> list[int]:
+    seen, offset = [], 0
+    while offset + 8 <= len(data) and not data[offset:].startswith(b"XETBLOB"):
+        seen.append(data[offset + 4])
+        offset += 8 + int.from_bytes(data[offset + 1 : offset + 4], "little")
+    return seen
+
+
+# -- through the mirror ---------------------------------------------------------------------------------
+
+
+def test_xet_file_downloads_through_the_mirror_and_the_client_talks_to_no_other_host(tmp_path, hub, cas, mirror):
+    watch = SocketWatch()
+    result = download(mirror.url, tmp_path / "c1", XET_MODEL, "model.safetensors", watch=watch)
+    assert ok(result) == sha256(MODEL_BYTES)
+    assert watch.remotes, "no socket of the client was seen"
+    assert watch.remotes == {("127.0.0.1", mirror.port)}, f"the client connected to {watch.remotes}"
+    # The transfer host served whole xorbs to the mirror only: hf_xet always asks ranges.
+    transfers = cas.requests(host="transfer", kind="xorb-range")
+    assert transfers and all(r.range is None for r in transfers), transfers
+    assert len({r.target.split("?")[0] for r in transfers}) == len(transfers), "a xorb was fetched twice"
+    # A client without hf_xet reads the same bytes through resolve.
+    assert ok(download(mirror.url, tmp_path / "c2", XET_MODEL, "model.safetensors", xet=False)) == sha256(MODEL_BYTES)
+
+
+def test_second_download_into_an_empty_client_cache_fetches_no_xorb_bytes_from_the_origin(tmp_path, hub, cas, mirror):
+    assert ok(download(mirror.url, tmp_path / "c1", XET_MODEL, "model.safetensors")) == sha256(MODEL_BYTES)
+    first = cas.xorb_bytes_served()
+    assert first > 0
+    print(f"first download: {first} xorb bytes from the origin for a {len(MODEL_BYTES)}-byte file")
+    cas.reset_requests()
+    assert ok(download(mirror.url, tmp_path / "c2", XET_MODEL, "model.safetensors")) == sha256(MODEL_BYTES)
+    assert cas.xorb_bytes_served() == 0
+    assert cas.count(kind="reconstruction") == 0
+
+
+def test_cached_xet_file_downloads_with_the_hub_and_cas_stopped(tmp_path, hub, cas, mirror):
+    assert ok(download(mirror.url, tmp_path / "c1", XET_MODEL, "model.safetensors")) == sha256(MODEL_BYTES)
+    hub.stop()
+    cas.stop()
+    assert ok(download(mirror.url, tmp_path / "c2", XET_MODEL, "model.safetensors")) == sha256(MODEL_BYTES)
+
+
+def test_gated_xet_file_is_refused_to_other_callers(tmp_path, hub, cas, mirror):
+    assert ok(download(mirror.url, tmp_path / "alice", GATED, "model.safetensors", token=ALICE)) == sha256(GATED_BYTES)
+    for name, token in (("bob", BOB), ("anonymous", None)):
+        result = download(mirror.url, tmp_path / name, GATED, "model.safetensors", token=token)
+        assert not result["ok"] and result["error"] in ("GatedRepoError", "HfHubHTTPError", "RepositoryNotFoundError"), result
+    commit = hub.repo(GATED).refs["refs/heads/main"]
+    with httpx.Client(base_url=mirror.url, timeout=30) as http:
+        route = f"/api/models/{GATED}/xet-read-token/{commit}"
+        assert http.get(route, headers={"Authorization": f"Bearer {BOB}"}).status_code in (401, 403)
+        assert http.get(route).status_code in (401, 403)
+        alice = http.get(route, headers={"Authorization": f"Bearer {ALICE}"})
+        assert alice.status_code == 200 and alice.json()["casUrl"] == f"{mirror.url}/xet-cas"
+        # A token of the mirror for the public repo does not open the gated repo's cached xorbs.
+        public_commit = hub.repo(XET_MODEL).refs["refs/heads/main"]
+        public = http.get(f"/api/models/{XET_MODEL}/xet-read-token/{public_commit}").json()["accessToken"]
+        file_hash = hub.repo(GATED).commits[commit].files["model.safetensors"].xet_hash
+        gated = http.get(f"/xet-cas/v1/reconstructions/{file_hash}",
+                         headers={"Authorization": f"Bearer {alice.json()['accessToken']}"}).json()
+        xorb, [entry, *_] = next(iter(gated["fetch_info"].items()))
+        assert entry["url"].startswith(f"{mirror.url}/xet-cas/xorbs/{xorb}?")
+        signed_for_public = http.get(f"/xet-cas/v1/reconstructions/"
+                                     f"{hub.repo(XET_MODEL).commits[public_commit].files['model.safetensors'].xet_hash}",
+                                     headers={"Authorization": f"Bearer {public}"}).json()
+        public_url = next(iter(signed_for_public["fetch_info"].values()))[0]["url"]
+        stolen = f"/xet-cas/xorbs/{xorb}?{public_url.split('?', 1)[1]}"
+        assert http.get(stolen, headers={"Range": "bytes=0-99"}).status_code == 403
+        assert http.get(f"/xet-cas/xorbs/{xorb}", headers={"Range": "bytes=0-99"}).status_code == 401
+        forged = public[:-2] + ("AA" if not public.endswith("AA") else "BB")
+        assert http.get(f"/xet-cas/v1/reconstructions/{file_hash}",
+                        headers={"Authorization": f"Bearer {forged}"}).status_code == 401
+
+
+def test_a_xorb_that_does_not_match_its_hash_is_neither_served_nor_stored(tmp_path, hub, cas, mirror):
+    for xorb_hash, data in list(cas.xorbs.items()):
+        if len(data) > 100_000:
+            spoiled = bytearray(data)
+            spoiled[len(data) // 2] ^= 0xFF
+            cas.xorbs[xorb_hash] = bytes(spoiled)
+    result = download(mirror.url, tmp_path / "c1", XET_MODEL, "model.safetensors")
+    assert not result["ok"], result
+    stored = {sha256(p.read_bytes()) for p in mirror.committed_blobs()}
+    assert not stored & {sha256(d) for d in cas.xorbs.values()}
+    assert "xorb" in mirror.log_text() and ("hashes to" in mirror.log_text() or "decompress" in mirror.log_text())
+
+
+def test_resolve_and_api_keep_xet_headers_pointing_at_the_mirror(tmp_path, hub, cas, mirror):
+    with httpx.Client(base_url=mirror.url, timeout=30) as http:
+        head = http.head(f"/{XET_MODEL}/resolve/main/model.safetensors")
+        assert head.status_code == 200 and len(head.headers["x-xet-hash"]) == 64
+        assert head.links["xet-auth"]["url"].startswith(f"{mirror.url}/api/models/{XET_MODEL}/xet-read-token/")
+        tree = http.get(f"/api/models/{XET_MODEL}/tree/main").json()
+        assert {e["path"]: e.get("xetHash") for e in tree}["model.safetensors"] == head.headers["x-xet-hash"]
+    # The default, xet = "strip", keeps all of it away from the client.
+    stripped = start_mirror(tmp_path / "strip", hub, "strip")
+    try:
+        with httpx.Client(base_url=stripped.url, timeout=30) as http:
+            head = http.head(f"/{XET_MODEL}/resolve/main/model.safetensors")
+            assert head.status_code == 200 and "x-xet-hash" not in head.headers and "xet-auth" not in head.links
+            assert "xetHash" not in http.get(f"/api/models/{XET_MODEL}/tree/main").text
+            assert http.get(f"/api/models/{XET_MODEL}/xet-read-token/main").status_code == 404
+            assert http.get(f"/xet-cas/v1/reconstructions/{'0' * 64}").status_code == 404
+    finally:
+        stripped.stop()
