@@ -279,7 +279,7 @@ def test_a_caller_asking_for_a_missing_key_does_not_turn_a_public_buckets_reads_
         pt = start_subscribed(pullthrough, registry, front.url, listing)
         wait_for(lambda: all_cached(pt), "the listed prefix to be prefetched")
         missing = httpx.get(f"{pt.url}/s3/{BUCKET}/{PREFIX}/no-such-file.bin", timeout=30)
-        assert missing.status_code == 403
+        assert missing.status_code in (403, 404)  # S3's refusal, or what the default credentials learned
         seen = len(front.seen)
         s3.client().put_object(Bucket=BUCKET, Key=f"{PREFIX}/later.bin", Body=b"added later", ACL="public-read")
         later = httpx.get(f"{pt.url}/s3/{BUCKET}/{PREFIX}/later.bin", timeout=30)
