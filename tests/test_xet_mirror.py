@@ -25,19 +25,13 @@ from tests.servers.fake_cas import FAST_FAILING_XET, FakeCas
 from tests.servers.fake_hub import FakeHub
 from tests.servers.ports import free_port
 from tests.servers.pullthrough import Pullthrough, render_config
+from tests.test_hf_mirror import ALICE, BOB, SERVICE, payload
 from tests.xet_sockets import SocketWatch
 
 pytestmark = pytest.mark.real
 
-ALICE = "hf_alice_is_authorized_0123456789"
-BOB = "hf_bob_is_a_valid_user_9876543210"
-SERVICE = "hf_pullthrough_service_token_42"
 XET_MODEL = "acme/xet-model"
 GATED = "acme/gated-xet-model"
-
-
-def payload(seed: str, size: int) -> bytes:
-    return random.Random(seed).randbytes(size)
 
 
 def compressible(seed: str, size: int) -> bytes:
@@ -49,6 +43,9 @@ def compressible(seed: str, size: int) -> bytes:
 
 
 MODEL_BYTES = payload("xet-model", 3 * 1024 * 1024 + 5) + compressible("xet-model", 1024 * 1024)
+# A revision of the model with about a tenth of it rewritten in the middle (a fine-tuned layer).
+_CUT = len(MODEL_BYTES) // 2
+REVISED_BYTES = MODEL_BYTES[:_CUT] + payload("revised", len(MODEL_BYTES) // 10) + MODEL_BYTES[_CUT + len(MODEL_BYTES) // 10 :]
 GATED_BYTES = payload("gated-xet", 1024 * 1024 + 3)
 
 
@@ -68,7 +65,7 @@ def hub(tmp_path, cas) -> FakeHub:
     server.add_repo(XET_MODEL, xet=True, files={
         "config.json": b'{"model_type": "xet"}',
         "model.safetensors": MODEL_BYTES,
-    })
+    }, branches={"revised": {"config.json": b'{"model_type": "xet"}', "model.safetensors": REVISED_BYTES}})
     server.add_repo(GATED, xet=True, gated=True, authorized_tokens={ALICE}, files={
         "config.json": b'{"model_type": "gated"}',
         "model.safetensors": GATED_BYTES,
@@ -111,7 +108,7 @@ a = json.loads(sys.argv[1])
 if a.get("max_http") is not None:
     constants.MAX_HTTP_DOWNLOAD_SIZE = a["max_http"]  # plain HTTP refuses anything larger: only Xet can fetch it
 try:
-    path = hh.hf_hub_download(a["repo"], a["filename"], token=a.get("token") or False)
+    path = hh.hf_hub_download(a["repo"], a["filename"], revision=a.get("revision"), token=a.get("token") or False)
     with open(path, "rb") as f:
         result = {"ok": True, "sha256": hashlib.sha256(f.read()).hexdigest()}
 except BaseException as exc:
@@ -121,7 +118,7 @@ print("@@RESULT@@" + json.dumps(result))
 
 
 def download(endpoint: str, home: Path, repo: str, filename: str, *, token: str | None = None, xet: bool = True,
-             watch: SocketWatch | None = None) -> dict:
+             watch: SocketWatch | None = None, revision: str | None = None) -> dict:
     """One hf_hub_download in its own process; its remote TCP endpoints go to `watch` while it runs."""
     home.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
@@ -130,7 +127,7 @@ def download(endpoint: str, home: Path, repo: str, filename: str, *, token: str 
                NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
     if not xet:
         env["HF_HUB_DISABLE_XET"] = "1"
-    args = {"repo": repo, "filename": filename, "token": token, "max_http": 1000 if xet else None}
+    args = {"repo": repo, "filename": filename, "token": token, "max_http": 1000 if xet else None, "revision": revision}
     proc = subprocess.Popen([sys.executable, "-c", CLIENT, json.dumps(args)], env=env, cwd=home,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if watch is not None:
@@ -210,6 +207,34 @@ def test_second_download_into_an_empty_client_cache_fetches_no_xorb_bytes_from_t
     assert ok(download(mirror.url, tmp_path / "c2", XET_MODEL, "model.safetensors")) == sha256(MODEL_BYTES)
     assert cas.xorb_bytes_served() == 0
     assert cas.count(kind="reconstruction") == 0
+
+
+def test_a_revision_sharing_most_chunks_fetches_little_from_the_origin(tmp_path, hub, cas, mirror):
+    assert ok(download(mirror.url, tmp_path / "c1", XET_MODEL, "model.safetensors")) == sha256(MODEL_BYTES)
+    cas.reset_requests()
+    revised = download(mirror.url, tmp_path / "c2", XET_MODEL, "model.safetensors", revision="revised")
+    assert ok(revised) == sha256(REVISED_BYTES)
+    fetched = cas.xorb_bytes_served()
+    print(f"revised model: {fetched} xorb bytes from the origin for {len(REVISED_BYTES)} bytes "
+          f"({fetched / len(REVISED_BYTES):.2f}x)")
+    assert 0 < fetched <= 0.25 * len(REVISED_BYTES)
+
+
+def test_an_expired_origin_url_in_a_cached_reconstruction_is_renewed(tmp_path, hub, cas, mirror):
+    """The mirror keeps reconstructions, but the origin's signed URLs in them expire: a xorb not yet
+    fetched is then opened at the URL of a fresh reconstruction."""
+    commit = hub.repo(XET_MODEL).refs["refs/heads/main"]
+    file_hash = hub.repo(XET_MODEL).commits[commit].files["model.safetensors"].xet_hash
+    with httpx.Client(base_url=mirror.url, timeout=30) as http:
+        token = http.get(f"/api/models/{XET_MODEL}/xet-read-token/{commit}").json()["accessToken"]
+        # What hf_xet asks for the whole file, cached by the mirror before any xorb is fetched.
+        cached = http.get(f"/xet-cas/v1/reconstructions/{file_hash}",
+                          headers={"Authorization": f"Bearer {token}", "Range": f"bytes=0-{len(MODEL_BYTES) - 1}"})
+        assert cached.status_code == 200
+    cas._secret = os.urandom(32)  # every transfer URL signed so far is refused from now on, as an expired one
+    assert ok(download(mirror.url, tmp_path / "c1", XET_MODEL, "model.safetensors")) == sha256(MODEL_BYTES)
+    statuses = [r.status for r in cas.requests(host="transfer", kind="xorb-range")]
+    assert 403 in statuses and statuses[-1] == 200, statuses
 
 
 def test_cached_xet_file_downloads_with_the_hub_and_cas_stopped(tmp_path, hub, cas, mirror):

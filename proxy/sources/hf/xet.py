@@ -89,7 +89,8 @@ class XetService:
             # Gated or private: the Hub's token must come with the caller's credentials, now.
             upstream = await self._fetch_upstream(repo, revision, token)
             self._upstream[(repo.key, caller)] = upstream
-            expires = min(expires, upstream.expires - MARGIN)
+            # The access check is trusted for access_ttl, as on resolve: the client refreshes then.
+            expires = min(expires, upstream.expires - MARGIN, time.time() + max(self._config.access_ttl, MARGIN))
         grant = XetGrant(repo.type, repo.id, revision, caller, expires)
         cas_url = f"{str(request.base_url).rstrip('/')}{CAS_PREFIX}"
         access = self._tokens.mint(grant)
