@@ -93,7 +93,8 @@ print("@@RESULT@@" + json.dumps(result))
 '''
 
 
-def run_client(tmp_path: Path, action: str, hf_endpoint: str | None = None, **args) -> dict:
+def run_client(tmp_path: Path, action: str, hf_endpoint: str | None = None, extra_env: dict[str, str] | None = None,
+               **args) -> dict:
     home = tmp_path / f"client-{len(list(tmp_path.glob('client-*')))}"
     home.mkdir(parents=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
@@ -102,6 +103,7 @@ def run_client(tmp_path: Path, action: str, hf_endpoint: str | None = None, **ar
                NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
     if hf_endpoint:
         env["HF_ENDPOINT"] = hf_endpoint
+    env.update(extra_env or {})
     proc = subprocess.run([sys.executable, "-c", CLIENT, action, json.dumps(args)], env=env, cwd=home,
                           capture_output=True, text=True, timeout=120)
     for line in proc.stdout.splitlines():
@@ -216,6 +218,27 @@ def test_client_falls_back_to_v1_reconstructions_on_a_cas_without_v2(hub, cas, t
     assert ok(result)["sha256"] == sha256(first)
     assert [(r.target, r.status) for r in cas.requests(kind="reconstruction")] == [
         (f"/v2/reconstructions/{xet_hash(hub)}", 404), (f"/v1/reconstructions/{xet_hash(hub)}", 200)]
+
+
+def test_client_with_multirange_fetching_reads_two_ranges_of_a_xorb_in_one_multipart_answer(hub, cas, tmp_path):
+    _, second = revisions()
+    result = run_client(tmp_path, "download", hub.url, repo=REPO, filename="model.safetensors", revision="v2",
+                        token=TOKEN, extra_env={"HF_XET_CLIENT_ENABLE_MULTIRANGE_FETCHING": "true"})
+    assert ok(result)["sha256"] == sha256(second)
+    multi = [r for r in cas.requests(kind="xorb-range") if "," in (r.range or "")]
+    assert len(multi) == 1 and multi[0].status == 206, cas.requests(kind="xorb-range")
+
+
+def test_transfer_urls_are_signed_for_their_xorb_and_ranges(hub, cas):
+    headers = {"Authorization": f"Bearer {cas.token}"}
+    v2 = httpx.get(f"{cas.url}/v2/reconstructions/{xet_hash(hub)}", headers={**headers, "Range": "bytes=0-99"}).json()
+    [[fetch]] = v2["xorbs"].values()  # the first chunk only: the xorb goes on after it
+    first, last = fetch["ranges"][0]["bytes"]["start"], fetch["ranges"][0]["bytes"]["end"]
+    assert httpx.get(fetch["url"], headers={"Range": f"bytes={first}-{last}"}).status_code == 206
+    assert httpx.get(fetch["url"], headers={"Range": f"bytes={first}-{last + 1}"}).status_code == 403
+    tampered = fetch["url"].replace(f"ranges={first}-{last}", f"ranges={first}-{last + 1}")
+    assert httpx.get(tampered, headers={"Range": f"bytes={first}-{last}"}).status_code == 403
+    assert all("authorization" not in r.headers for r in cas.requests(host="transfer"))
 
 
 def test_reconstruction_json_has_the_shape_of_cas_types(hub, cas):

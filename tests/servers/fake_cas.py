@@ -9,8 +9,11 @@ Usage::
     cas = FakeCas.start(tmp_path / "cas")         # .url, .transfer_url, .token; .stop() refuses connections
     [file_hash] = cas.upload_bytes(data)          # the real Xet file hash (what the Hub sends as xetHash)
     FakeHub.start(tmp_path / "hub", cas=cas)      # xet=True repos are then uploaded here for real
-    cas.requests(kind="xorb-range")               # CasRequest(host, kind, method, target, range, status, sent)
+    cas.requests(kind="xorb-range")               # CasRequest(host, kind, method, target, status, range, sent,
+                                                  #   received, authorized, headers); logged before the body goes
+                                                  #   out, so a client that has its answer finds it logged
     cas.xorb_bytes_served()                       # body bytes the transfer host sent
+    cas.plan(file_hash, start, end)               # the terms and xorb byte ranges a reconstruction answers
 
 API (`url`), every route needs `Authorization: Bearer <token>` (401 otherwise; `add_token` adds more):
 - `POST /v1/xorbs/default/{hash}` stores the xorb as sent (its chunk headers are parsed: 400 if malformed)
@@ -33,6 +36,7 @@ CDN answers); a `Range:` must fall inside the signed ranges (403 otherwise); one
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -83,7 +87,8 @@ class CasRequest:
     range: str | None
     sent: int  # body bytes written
     received: int  # request body bytes read
-    authorized: bool
+    authorized: bool  # the CAS accepted its bearer token (always False on the transfer host, which takes none)
+    headers: dict[str, str]  # as received, names lower-cased, an Authorization value replaced by "<present>"
 
 
 @dataclass(frozen=True)
@@ -320,13 +325,21 @@ class FakeCas:
 
     # -- traffic ----------------------------------------------------------------------------------
 
-    def record(self, request: CasRequest) -> None:
+    def record(self, request: CasRequest) -> CasRequest:
         with self._lock:
             self._log.append(request)
             with open(self.workdir / "fake_cas.log", "a") as log:
                 log.write(f"{time.strftime('%H:%M:%S')} {request.host} {request.method} {request.target} "
                           f"{request.status} {request.kind} range={request.range or '-'} sent={request.sent} "
                           f"received={request.received}\n")
+        return request
+
+    def amend(self, request: CasRequest, sent: int) -> None:
+        """A logged answer whose connection broke after `sent` body bytes."""
+        with self._lock:
+            for n, logged in enumerate(self._log):
+                if logged is request:
+                    self._log[n] = dataclasses.replace(logged, sent=sent)
 
     def requests(self, *, host: str | None = None, kind: str | Iterable[str] | None = None,
                  method: str | None = None) -> list[CasRequest]:
@@ -480,6 +493,14 @@ class _Handler(BaseHTTPRequestHandler):
         return self.rfile.read(length) if length else b""
 
     def _send(self, reply: _Reply) -> None:
+        # Recorded before the body goes out, so a client that has its answer always finds it in the log;
+        # amended below when the connection breaks before every byte was written.
+        body_size = 0 if self.command == "HEAD" else len(reply.body)
+        headers = {name.lower(): "<present>" if name.lower() == "authorization" else value
+                   for name, value in self.headers.items()}
+        entry = self.server.cas.record(CasRequest(self.server.role, self.kind, self.command, self.path, reply.status,
+                                                  self.headers.get("Range"), body_size, len(self.body),
+                                                  self.authorized, headers))
         sent = 0
         try:
             self.send_response(reply.status)
@@ -497,9 +518,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
-        finally:
-            self.server.cas.record(CasRequest(self.server.role, self.kind, self.command, self.path, reply.status,
-                                              self.headers.get("Range"), sent, len(self.body), self.authorized))
+            self.server.cas.amend(entry, sent)
 
     # -- CAS API ----------------------------------------------------------------------------------
 
