@@ -289,3 +289,10 @@ def test_real_client_fails_when_the_fake_serves_a_wrong_url_range(hub, cas, tmp_
     result = run_client(tmp_path, "download", hub.url, repo=REPO, filename="model.safetensors", token=TOKEN)
     assert not result["ok"], "the client accepted xorb bytes that do not start at a chunk"
     assert cas.count(kind="xorb-range") >= 1
+
+
+def test_an_unavailable_cas_fails_the_client_fast_without_xorb_bytes(hub, cas, tmp_path):
+    cas.unavailable = True
+    result = run_client(tmp_path, "download", hub.url, repo=REPO, filename="model.safetensors", token=TOKEN)
+    assert not result["ok"], "the client downloaded from a CAS that answers 503"
+    assert cas.requests() and all(r.status == 503 for r in cas.requests()) and cas.xorb_bytes_served() == 0

@@ -27,6 +27,7 @@ API (`url`), every route needs `Authorization: Bearer <token>` (401 otherwise; `
   `GET /v1/reconstructions?file_id=...` is the batch form. Set `v2 = False` to answer the v2 routes
   (reconstructions and shards) 404, as a CAS without them; hf_xet then falls back to v1.
 - `POST /v1/telemetry` -> 200.
+Set `unavailable = True` for an outage: both hosts answer 503.
 
 Transfer host (`transfer_url`), no Authorization: `GET /xorbs/default/{hash}?ranges=S-E,...&Expires=&Signature=`,
 the signed URLs reconstructions hand out. The signature covers hash, ranges and expiry (403 otherwise, as a
@@ -242,6 +243,8 @@ class FakeCas:
         self.url_ttl = url_ttl
         #: False: the v2 routes answer 404, as a CAS that only has v1.
         self.v2 = True
+        #: True: both hosts answer every request 503 (an outage; `stop()` refuses connections instead).
+        self.unavailable = False
         self.xorbs: dict[str, bytes] = {}
         self.layouts: dict[str, XorbLayout] = {}
         self.files: dict[str, tuple[Term, ...]] = {}
@@ -468,6 +471,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         try:
+            if self.server.cas.unavailable:
+                raise _Reply(503, b"Service Unavailable")
             if self.server.role == "cas":
                 self._cas_route()
             else:
