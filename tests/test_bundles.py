@@ -91,6 +91,7 @@ def test_a_set_exported_from_one_cache_is_served_by_a_fresh_offline_cache_after_
 
     config, settings, registries = offline_node(tmp_path, "b", registry.url, s3.url, hub.url)
     b = pullthrough(registries, **settings)  # running already: it reads what the import writes
+    config = b.config_path  # its index (a PostgreSQL database of its own in the PostgreSQL pass)
     imported = cli("import", "--config", str(config), str(bundle), "--json")
     assert imported.returncode == 0, imported.stderr
     summary = json.loads(imported.stdout)

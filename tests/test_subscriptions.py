@@ -301,7 +301,7 @@ def test_the_last_good_listing_outlives_a_restart_while_the_dashboard_is_down(ma
     s3.stop()
     lost = sha(objects[f"{PREFIX}/unet.bin"])  # a hand removed it: that entry's prefetch cannot succeed now
     (Path(pt.cache_dir) / "blobs" / "sha256" / lost[7:9] / lost[7:]).unlink()
-    again = start_subscribed(pullthrough, registry, s3.url, listing, cache_dir=Path(pt.cache_dir))
+    again = start_subscribed(pullthrough, registry, s3.url, listing, cache_dir=Path(pt.cache_dir), database_url=pt.database_url)
     state = wait_for(lambda: (s := listed(again))["subscription"]["checked_at"] and s, "a first read of the listing")
     assert state["subscription"]["stale"] and "answered 500" in state["subscription"]["error"]
     assert state["required_images"] == ["registry.hub.docker.com/nosana/frpc:0.1.0", "docker.io/vllm/vllm-openai:v0.5.4"]
