@@ -14,7 +14,6 @@ import os
 import random
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import httpx
@@ -235,6 +234,16 @@ def test_an_expired_origin_url_in_a_cached_reconstruction_is_renewed(tmp_path, h
     assert ok(download(mirror.url, tmp_path / "c1", XET_MODEL, "model.safetensors")) == sha256(MODEL_BYTES)
     statuses = [r.status for r in cas.requests(host="transfer", kind="xorb-range")]
     assert 403 in statuses and statuses[-1] == 200, statuses
+
+
+def test_a_prefetched_xet_repo_downloads_with_the_hub_and_cas_stopped(tmp_path, hub, cas, mirror):
+    done = subprocess.run([sys.executable, "-m", "proxy", "prefetch", "--config", str(mirror.config_path),
+                           f"hf://{XET_MODEL}@main"], capture_output=True, text=True, timeout=180, env=mirror.env)
+    assert done.returncode == 0 and f"hf://{XET_MODEL}@main: 2 files" in done.stdout, done.stdout + done.stderr
+    assert cas.xorb_bytes_served() > 0
+    hub.stop()
+    cas.stop()
+    assert ok(download(mirror.url, tmp_path / "c1", XET_MODEL, "model.safetensors")) == sha256(MODEL_BYTES)
 
 
 def test_cached_xet_file_downloads_with_the_hub_and_cas_stopped(tmp_path, hub, cas, mirror):

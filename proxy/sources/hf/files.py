@@ -141,6 +141,10 @@ class FileService:
         blob = await self._store.fetch(self._request(repo, commit, path, meta, token))
         return str(blob.digest), blob.size
 
+    async def meta(self, repo: Repo, commit: str, path: str, token: str | None) -> FileMeta:
+        """What the Hub said of a file at a commit (kept until purged)."""
+        return await self._file_meta(repo, commit, path, token)
+
     def _request(self, repo: Repo, commit: str, path: str, meta: FileMeta, token: str | None) -> BlobRequest:
         """LFS and Xet files by their sha256; a regular file by its git blob id, and by the sha256 its
         bytes hashed to once they were fetched."""

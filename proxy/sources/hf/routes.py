@@ -89,7 +89,14 @@ class HfMirror:
             await self._store.refs.put(
                 Reference(SNAPSHOTS, f"{repo.key}@{revision}", commit, now, now, meta={"commit": commit, "files": files})
             )
-        return [(path, *await self.files.fetch(repo, commit, path, token)) for path in files]
+        fetched = [(path, *await self.files.fetch(repo, commit, path, token)) for path in files]
+        if self.xet is not None:
+            # hf_xet clients read xorbs, not the whole files: those are cached too.
+            for path in files:
+                meta = await self.files.meta(repo, commit, path, token)
+                if meta.xet_hash:
+                    await self.xet.prefetch(repo, commit, meta.xet_hash)
+        return fetched
 
     def routes(self) -> list[BaseRoute]:
         cas = [Route(CAS_PREFIX + "/{rest:path}", self.dispatch_cas, methods=["GET", "HEAD"])] if self.xet else []

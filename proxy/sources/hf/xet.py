@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import urllib3
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -43,9 +44,10 @@ from proxy.store.store import Store
 log = logging.getLogger(__name__)
 
 CAS_PREFIX = "/xet-cas"  # where the mirror's CAS lives, beside the Hub's routes
-RECONSTRUCTIONS = "hf-xet-rec"  # small documents: the origin's reconstruction of (file hash, range)
+RECONSTRUCTIONS = "hf-xet-rec"  # small documents: the origin's reconstruction of (file hash, range; "" whole)
 XORBS = "hf-xorb"  # references: xorb hash -> the sha256 its bytes are stored by
 MARGIN = 30.0  # an upstream token this close to its expiry is fetched again
+SERVICE_CALLER = "service"  # the mirror's own grants (prefetch): never handed out; no caller hash is spelled so
 _RANGE = re.compile(r"^bytes=(\d{1,20})-(\d{0,20})$")
 
 
@@ -113,9 +115,40 @@ class XetService:
     async def _reconstruction(self, file_hash: str, request: Request) -> Response:
         grant = self._tokens.check(_bearer(request))
         file_range = _file_range(request.headers.get("range"))
-        data = await self._cached_reconstruction(grant, file_hash, file_range, request.method)
+        data = await self._whole_file(grant, file_hash, file_range, request.method)
+        if data is not None:
+            file_range = ""
+        else:
+            data = await self._cached_reconstruction(grant, file_hash, file_range, request.method)
         base = f"{str(request.base_url).rstrip('/')}{CAS_PREFIX}"
         return Response(self._rewrite(data, grant, file_hash, file_range, base), media_type="application/json")
+
+    async def prefetch(self, repo: Repo, commit: str, file_hash: str) -> int:
+        """A Xet file's reconstruction and every xorb it names into the cache, with the service
+        token (a resource set); the xorbs' count."""
+        # Asked of the origin only for what the cache lacks: a prefetch with the Hub away still succeeds.
+        grant = XetGrant(repo.type, repo.id, commit, SERVICE_CALLER, time.time() + TOKEN_SECONDS)
+        data = await self._cached_reconstruction(grant, file_hash, "", None)
+        xorbs = list((json.loads(data).get("fetch_info") or {}))
+        for xorb in xorbs:
+            if not XET_HASH.match(xorb):
+                raise HubUnavailable("the Xet CAS named a xorb by something that is not a Xet hash")
+            signed = XorbGrant(grant, file_hash, "", xorb)
+            await self._store.fetch(self._xorb_request(signed, repo, await self._stored_as(xorb)))
+        return len(xorbs)
+
+    async def _whole_file(self, grant: XetGrant, file_hash: str, file_range: str, method: str | None) -> bytes | None:
+        """The reconstruction of the whole file when the range asked starts at 0 and reaches its end
+        (hf_xet names the whole file so): one cached answer per file, whatever range spelled it."""
+        match = _RANGE.match(file_range)
+        if match is None or match.group(1) != "0":
+            return None
+        data = await self._cached_reconstruction(grant, file_hash, "", method)
+        terms = json.loads(data).get("terms") or []
+        size = sum(int(t.get("unpacked_length", 0)) for t in terms if isinstance(t, dict))
+        if match.group(2) and int(match.group(2)) < size - 1:
+            return None
+        return data
 
     async def _cached_reconstruction(self, grant: XetGrant, file_hash: str, file_range: str, method: str | None) -> bytes:
         repo = Repo(grant.repo_type, grant.repo_id)
@@ -144,9 +177,10 @@ class XetService:
             raise HfError(response.status_code, f"the Xet CAS answered {response.status_code} for {file_hash}")
         try:
             parsed = response.json()
-            assert isinstance(parsed, dict) and isinstance(parsed.get("terms"), list)
-        except (ValueError, AssertionError):
-            raise HubUnavailable("the Xet CAS answered a reconstruction that is not one") from None
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict) or not isinstance(parsed.get("terms"), list):
+            raise HubUnavailable("the Xet CAS answered a reconstruction that is not one")
         return response.content
 
     def _rewrite(self, data: bytes, grant: XetGrant, file_hash: str, file_range: str, base: str) -> bytes:
@@ -165,8 +199,7 @@ class XetService:
     async def _xorb(self, xorb: str, request: Request) -> Response:
         signed = self._tokens.check_xorb(request.query_params.get("sig"), xorb)
         repo = Repo(signed.grant.repo_type, signed.grant.repo_id)
-        known = await self._store.refs.get(XORBS, xorb)
-        blob_request = self._xorb_request(signed, repo, Digest.from_hex(known.digest) if known and known.digest else None)
+        blob_request = self._xorb_request(signed, repo, await self._stored_as(xorb))
         if blob_request.digest is None or not await self._store.holds(blob_request.scope, blob_request.digest):
             # Whole and verified before any range of it is served.
             blob = await self._store.fetch(blob_request)
@@ -175,6 +208,11 @@ class XetService:
             blob_request, method=request.method, range_header=request.headers.get("range"),
             headers={"Accept-Ranges": "bytes"}, media_type="application/octet-stream",
         )
+
+    async def _stored_as(self, xorb: str) -> Digest | None:
+        """The sha256 a xorb's bytes were stored by, once fetched and verified."""
+        known = await self._store.refs.get(XORBS, xorb)
+        return Digest.from_hex(known.digest) if known is not None and known.digest else None
 
     def _xorb_request(self, signed: XorbGrant, repo: Repo, digest: Digest | None) -> BlobRequest:
         async def confirm() -> int | None:
@@ -210,7 +248,7 @@ class XetService:
             raise HubUnavailable(f"the Xet CAS answered {response.status} for xorb {signed.xorb}")
         return BlobDownload(response)
 
-    async def _open_url(self, url: str) -> Any:
+    async def _open_url(self, url: str) -> urllib3.BaseHTTPResponse:
         try:
             return await self._blobs.open(url, None)
         except TransferFailed:
@@ -222,7 +260,7 @@ class XetService:
         known = self._upstream.get((repo.key, grant.caller))
         if known is not None and known.expires - MARGIN > time.time():
             return known
-        if await self._access.visibility(repo) != PUBLIC:
+        if grant.caller != SERVICE_CALLER and await self._access.visibility(repo) != PUBLIC:
             # The caller's credentials are not here to ask again: its client refreshes the mirror's token.
             raise HfError(401, "the Xet token expired: ask for a new one")
         upstream = await self._fetch_upstream(repo, grant.revision, self._config.service_token())
