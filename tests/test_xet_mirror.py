@@ -14,12 +14,15 @@ import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from proxy.sources.hf.errors import HfError
 from proxy.sources.hf.xetformat import DigestMismatch, verify_xorb
+from proxy.sources.hf.xettokens import XetGrant, XetTokens, XorbGrant
 from tests.servers.fake_cas import FAST_FAILING_XET, FakeCas
 from tests.servers.fake_hub import FakeHub
 from tests.servers.ports import free_port
@@ -178,6 +181,31 @@ def _schemes(data: bytes) -> list[int]:
         seen.append(data[offset + 4])
         offset += 8 + int.from_bytes(data[offset + 1 : offset + 4], "little")
     return seen
+
+
+def test_mirror_tokens_are_refused_when_expired_forged_of_another_kind_or_from_another_start():
+    tokens = XetTokens()
+    grant = XetGrant("model", GATED, "main", "abc", time.time() + 60)
+    assert tokens.check(tokens.mint(grant)) == XetGrant("model", GATED, "main", "abc", float(int(grant.expires)))
+    xorb = "ab" * 32
+    signed = tokens.sign_xorb(XorbGrant(grant, "cd" * 32, "", xorb), time.time() + 60)
+    assert tokens.check_xorb(signed, xorb).grant.repo_id == GATED
+    body, mac = tokens.mint(grant).split(".")
+    refused = [
+        tokens.mint(XetGrant("model", GATED, "main", "abc", time.time() - 1)),  # expired
+        tokens.mint(XetGrant("model", XET_MODEL, "main", "abc", time.time() + 60)).split(".")[0] + "." + mac,  # forged
+        signed,  # a xorb URL's signature is no access token
+        XetTokens().mint(grant),  # another start's key
+        None, "", "a.b.c",
+    ]
+    for token in refused:
+        with pytest.raises(HfError) as error:
+            tokens.check(token)
+        assert error.value.status == 401
+    with pytest.raises(HfError):
+        tokens.check_xorb(signed, "ef" * 32)  # signed for another xorb
+    with pytest.raises(HfError):
+        tokens.check_xorb(tokens.mint(grant), xorb)
 
 
 # -- through the mirror ---------------------------------------------------------------------------------
