@@ -14,6 +14,7 @@ import os
 import random
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import pytest
 from proxy.sources.hf.errors import HfError
 from proxy.sources.hf.xetformat import DigestMismatch, verify_xorb
 from proxy.sources.hf.xettokens import XetGrant, XetTokens, XorbGrant
+from tests.conftest import drop_postgres_database, fresh_postgres_database, require_tool
 from tests.servers.fake_cas import FAST_FAILING_XET, FakeCas
 from tests.servers.fake_hub import FakeHub
 from tests.servers.ports import free_port
@@ -78,11 +80,13 @@ def hub(tmp_path, cas) -> FakeHub:
     server.stop()
 
 
-def start_mirror(tmp_path: Path, hub: FakeHub, xet: str) -> Pullthrough:
-    cache_dir, workdir = tmp_path / "pt", tmp_path / "pt.run"
+def start_mirror(tmp_path: Path, hub: FakeHub, xet: str, *, name: str = "pt", cache_dir: Path | None = None,
+                 **top_settings: object) -> Pullthrough:
+    cache_dir, workdir = cache_dir or tmp_path / name, tmp_path / f"{name}.run"
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    top = {"listen": f"127.0.0.1:{port}", "cache_dir": str(cache_dir), "log_level": "debug", "access_log": True}
+    top = {"listen": f"127.0.0.1:{port}", "cache_dir": str(cache_dir), "log_level": "debug", "access_log": True,
+           **top_settings}
     hf = [f'url = "{hub.url}"', 'revision_ttl = "5m"', 'token_env = "PT_HF_SERVICE"', f'xet = "{xet}"']
     text = render_config(top, []) + "\n[hf]\n" + "\n".join(hf) + "\n"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PULLTHROUGH_", "HF_"))}
@@ -234,6 +238,28 @@ def test_second_download_into_an_empty_client_cache_fetches_no_xorb_bytes_from_t
     assert ok(download(mirror.url, tmp_path / "c2", XET_MODEL, "model.safetensors")) == sha256(MODEL_BYTES)
     assert cas.xorb_bytes_served() == 0
     assert cas.count(kind="reconstruction") == 0
+
+
+def test_two_nodes_sharing_a_cache_fetch_each_xorb_from_the_origin_once(tmp_path, hub, cas):
+    require_tool("pg_isready")
+    database = fresh_postgres_database()
+    nodes = [start_mirror(tmp_path, hub, "native", name=f"node{n}", cache_dir=tmp_path / "shared",
+                          database_url=database, node=f"node{n}") for n in (1, 2)]
+    try:
+        results: dict[int, dict] = {}
+        clients = [threading.Thread(target=lambda n=n: results.__setitem__(
+            n, download(nodes[n].url, tmp_path / f"c{n}", XET_MODEL, "model.safetensors"))) for n in (0, 1)]
+        for client in clients:
+            client.start()
+        for client in clients:
+            client.join(timeout=150)
+        assert [ok(results[n]) for n in (0, 1)] == [sha256(MODEL_BYTES)] * 2
+        fetched = [r.target.split("?")[0] for r in cas.requests(host="transfer", kind="xorb-range") if r.status == 200]
+        assert fetched and len(fetched) == len(set(fetched)), fetched
+    finally:
+        for node in nodes:
+            node.stop()
+        drop_postgres_database(database)
 
 
 def test_a_revision_sharing_most_chunks_fetches_little_from_the_origin(tmp_path, hub, cas, mirror):
