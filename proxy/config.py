@@ -201,11 +201,17 @@ class HfConfig(BaseModel):
     # "strip": Xet fields and headers are removed, so clients download through resolve (plain HTTP).
     # "native": the mirror speaks Xet (proxy/sources/hf/xet*): its own CAS URL, chunk-level caching.
     xet: Literal["native", "strip"] = "strip"
+    # Native Xet: the variable holding the key that signs the mirror's Xet tokens and xorb URLs (at
+    # least 32 characters). Unset: a key per process, so a client the load balancer moves to another
+    # node of a fleet must fetch a new token there; set the same key on every node to avoid that.
+    xet_token_key_env: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> HfConfig:
         if not re.match(r"^https?://[^/\s]+/?$", self.url):
             raise ValueError(f"hf url {self.url!r} must be http(s)://host[:port]")
+        if self.xet == "native":
+            self.xet_token_key()  # a key that is missing or short is refused at start, not at the first client
         return self
 
     @property
@@ -214,6 +220,15 @@ class HfConfig(BaseModel):
 
     def service_token(self) -> str | None:
         return os.environ.get(self.token_env) or None if self.token_env else None
+
+    def xet_token_key(self) -> bytes | None:
+        """The shared key for the mirror's Xet tokens, or None (a key per process)."""
+        if not self.xet_token_key_env:
+            return None
+        key = os.environ.get(self.xet_token_key_env, "")
+        if len(key) < 32:
+            raise ValueError(f"xet_token_key_env: ${self.xet_token_key_env} must hold a key of at least 32 characters")
+        return key.encode()
 
 
 class S3Bucket(BaseModel):

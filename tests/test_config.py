@@ -174,3 +174,22 @@ def test_an_upstream_url_with_a_password_is_refused_without_repeating_it(tmp_pat
         load_settings(write(tmp_path / "c.toml", text))
     assert str(refused.value).startswith(f"{key}: must not carry a user name or password")
     assert "hunter2" not in str(refused.value)
+
+
+def test_native_xet_signs_with_the_fleets_shared_key_and_refuses_a_short_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One key on every node: a Xet token minted by one node opens on another."""
+    from proxy.sources.hf.errors import HfError
+    from proxy.sources.hf.xettokens import XetTokens
+
+    config = tmp_path / "c.toml"
+    config.write_text('[hf]\nxet = "native"\nxet_token_key_env = "XET_KEY"\n')
+    monkeypatch.setenv("XET_KEY", "short")
+    with pytest.raises(ConfigError, match=r"^hf: .*XET_KEY must hold a key of at least 32 characters"):
+        load_settings(config)
+    monkeypatch.setenv("XET_KEY", "k" * 40)
+    key = load_settings(config).hf.xet_token_key()
+    assert key == b"k" * 40
+    token = XetTokens(key)._sign({"k": "t", "e": 2**40})
+    assert XetTokens(key)._open(token, "t")["e"] == 2**40  # another node, the same key
+    with pytest.raises(HfError, match="not a Xet token of this mirror"):
+        XetTokens(None)._open(token, "t")  # a key of its own: refused

@@ -75,7 +75,7 @@ class XetService:
         self._access = access
         self._http = http
         self._blobs = blobs
-        self._tokens = tokens or XetTokens()
+        self._tokens = tokens or XetTokens(config.xet_token_key())
         self._origin = hub_origin(config)
         # Upstream Xet tokens by (repo, caller hash): memory only, never the index (they are credentials).
         self._upstream: dict[tuple[str, str], _Upstream] = {}
