@@ -5,6 +5,7 @@ bench/results/hf-latest.md.
     python -m bench.hf            # 2 x 48 MiB shards + json files, 3 repetitions (medians)
     python -m bench.hf --quick    # 2 x 8 MiB shards, 1 repetition: a smoke run
     python -m bench --hf          # the same command through the main entry point
+    python -m bench.hf --xet      # the Xet benchmark instead (bench/hfxet.py): hf_xet direct vs through pullthrough
 """
 
 from __future__ import annotations
@@ -228,12 +229,13 @@ class PullthroughMirror(Mirror):
 
     name = "pullthrough"
 
-    def __init__(self, workdir: Path, hub: FakeHub) -> None:
+    def __init__(self, workdir: Path, hub: FakeHub, hf_settings: dict[str, object] | None = None) -> None:
         super().__init__(workdir)
         self.cache_dir = workdir / "pullthrough-cache"
         port = free_port()
         text = render_config({"listen": f"127.0.0.1:{port}", "cache_dir": str(self.cache_dir)}, [])
         text += f"\n[hf]\nurl = {toml_value(hub.url)}\n"
+        text += "".join(f"{key} = {toml_value(value)}\n" for key, value in (hf_settings or {}).items())
         env = {k: v for k, v in os.environ.items() if not k.startswith("PULLTHROUGH_")}
         run_dir = workdir / "pullthrough-run"
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -604,6 +606,9 @@ def measure_mirror(mirror: Mirror, hub: FakeHub, files: dict[str, bytes], expect
 
 
 def main(argv: list[str] | None = None) -> int:
+    if "--xet" in (sys.argv[1:] if argv is None else argv):  # the Xet benchmark has its own run
+        from bench.hfxet import main as xet_main
+        return xet_main(argv)
     args = parse_args(argv)
     started = time.monotonic()
     workdir: Path = args.workdir
