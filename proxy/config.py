@@ -198,9 +198,9 @@ class HfConfig(BaseModel):
     ttl: Duration | None = None  # unused model files are purged after this (default_ttl if unset)
     ttl_from: TtlFrom | None = None  # what `ttl` counts from (the top-level ttl_from if unset)
     token_env: str | None = None  # a service token for public repos' metadata, read from this variable
-    # "strip": Xet fields and headers are removed, so clients download through resolve (plain HTTP).
     # "native": the mirror speaks Xet (proxy/sources/hf/xet*): its own CAS URL, chunk-level caching.
-    xet: Literal["native", "strip"] = "strip"
+    # "strip": Xet fields and headers are removed, so clients download through resolve (plain HTTP).
+    xet: Literal["native", "strip"] = "native"
     # Native Xet: the variable holding the key that signs the mirror's Xet tokens and xorb URLs (at
     # least 32 characters). Unset: a key per process, so a client the load balancer moves to another
     # node of a fleet must fetch a new token there; set the same key on every node to avoid that.

@@ -125,7 +125,9 @@ def start_pullthrough(tmp_path: Path, hub: FakeHub, *, revision_ttl: str = "5m",
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     top = {"listen": f"127.0.0.1:{port}", "cache_dir": str(cache_dir), "log_level": "debug", "access_log": True}
-    hf = [f'url = "{hub.url}"', f'revision_ttl = "{revision_ttl}"']
+    # Xet stripped: these tests cover resolve, the plain-HTTP path every client without hf_xet takes
+    # (tests/test_xet_mirror.py covers xet = "native" against a real CAS of the fake Hub).
+    hf = [f'url = "{hub.url}"', f'revision_ttl = "{revision_ttl}"', 'xet = "strip"']
     if token_env:
         hf.append(f'token_env = "{token_env}"')
     if access_ttl:

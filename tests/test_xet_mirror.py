@@ -359,7 +359,7 @@ def test_resolve_and_api_keep_xet_headers_pointing_at_the_mirror(tmp_path, hub, 
         assert head.links["xet-auth"]["url"].startswith(f"{mirror.url}/api/models/{XET_MODEL}/xet-read-token/")
         tree = http.get(f"/api/models/{XET_MODEL}/tree/main").json()
         assert {e["path"]: e.get("xetHash") for e in tree}["model.safetensors"] == head.headers["x-xet-hash"]
-    # The default, xet = "strip", keeps all of it away from the client.
+    # xet = "strip" keeps all of it away from the client.
     stripped = start_mirror(tmp_path / "strip", hub, "strip")
     try:
         with httpx.Client(base_url=stripped.url, timeout=30) as http:
