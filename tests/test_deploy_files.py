@@ -81,13 +81,15 @@ def test_example_config_shows_every_setting_with_a_comment() -> None:
     assert not undocumented, f"settings without a comment in deploy/config.toml: {undocumented}"
 
 
-def test_example_config_loads_as_shipped_and_with_every_setting_switched_on(tmp_path: Path) -> None:
+def test_example_config_loads_as_shipped_and_with_every_setting_switched_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     shipped = load_settings(EXAMPLE)
     assert shipped.listen == "0.0.0.0:5000" and shipped.cache_dir == Path("/var/cache/pullthrough")
     everything = tmp_path / "everything.toml"
     everything.write_text(uncommented(EXAMPLE.read_text()))
+    monkeypatch.setenv("PULLTHROUGH_XET_KEY", "k" * 32)  # switched on, xet_token_key_env needs its key at start
     switched_on = load_settings(everything)  # a typo in a commented-out key or value fails here
     assert switched_on.s3.buckets and switched_on.resource_sets and switched_on.web.ipfs_gateways
+    assert switched_on.hf.xet_token_key() == b"k" * 32
 
 
 def test_example_config_passes_config_check() -> None:
