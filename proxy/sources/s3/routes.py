@@ -4,7 +4,8 @@ Only buckets named in the configuration are served, and the `s3://` URLs a subsc
 lists (a market's public bucket needs no entry of its own); anything else is 403 before any request
 leaves. A listed URL's objects are read with unsigned requests (a public bucket), or, when the
 endpoint refuses those, with the section's default credentials; they are admitted under a scope of
-that URL alone (`s3:bucket/prefix`), never the bucket's, so the listing lends no wider access. Objects are revalidated with HeadObject after `object_ttl` and fetched with IfMatch on
+that URL alone (`s3:bucket/prefix`), never the bucket's, so the listing lends no wider access.
+Objects are revalidated with HeadObject after `object_ttl` and fetched with IfMatch on
 the ETag, so the bytes cached are always one version.
 """
 
@@ -57,6 +58,11 @@ class Grant:
     listed: bool = False  # only a resource set's listing allows it (the bucket has no entry)
 
 
+def _listed_scope(bucket: str, prefix: str) -> ReadScope:
+    """The read scope of a listed s3://bucket/prefix: that URL alone, never the bucket's."""
+    return ReadScope(f"s3:{bucket}/{prefix.rstrip('/')}")
+
+
 def _covers(prefix: str, key: str) -> bool:
     """Whether a listed s3://bucket/PREFIX (an object or a folder) covers KEY: the key itself, or
     anything below it as a folder (…/8 covers …/8/a but not …/80)."""
@@ -103,7 +109,7 @@ class S3Mirror:
             self._listed[resource_set] = listed
         else:
             self._listed.pop(resource_set, None)
-        live = {f"s3:{url.removeprefix('s3://').rstrip('/')}" for urls in self._listed.values() for url in urls}
+        live = {str(_listed_scope(*url.removeprefix("s3://").partition("/")[::2])) for urls in self._listed.values() for url in urls}
         self._signed &= live  # a URL that left every listing starts unsigned again if it comes back
 
     async def aclose(self) -> None:
@@ -140,7 +146,7 @@ class S3Mirror:
         covering = sorted(prefix.rstrip("/") for prefix in self._listed_prefixes(bucket_name) if _covers(prefix, key))
         if not covering:
             raise ObjectError(403, "BucketNotConfigured", f"bucket {bucket_name[:64]!r} is not served by this mirror: add it to [s3] buckets")
-        scope = ReadScope(f"s3:{bucket_name}/{covering[0]}")
+        scope = _listed_scope(bucket_name, covering[0])
         return Grant(S3Bucket(name=bucket_name, anonymous=str(scope) not in self._signed), scope, listed=True)
 
     def _listed_prefixes(self, bucket_name: str) -> list[str]:
