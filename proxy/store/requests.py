@@ -29,7 +29,9 @@ class BlobRequest:
     `digest` names content-addressed bytes (OCI blobs, LFS files), or the digest a cached object's
     name pointed at last. `name` is the fill key of bytes whose digest is not known beforehand (an
     S3 object's version, a web URL's): when it is set, a miss fills by name and the digest is what
-    the bytes hash to.
+    the bytes hash to. A request by name with a known digest and a `confirm` (a Xet xorb, whose
+    bytes are stored by sha256 and shared across repos) reads the committed blob under a new scope
+    once `confirm` says yes; one without `confirm` lets the fill by name ask the upstream.
     """
 
     scope: ReadScope

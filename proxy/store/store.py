@@ -160,7 +160,7 @@ class Store:
             return None
         if admitted:
             return blob
-        if request.name is not None:
+        if request.name is not None and request.confirm is None:
             return None  # bytes named by an object's key: a fill by name lets the upstream decide
         await self._confirm(request)
         await self.admit(request.scope, [blob.digest])

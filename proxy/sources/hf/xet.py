@@ -36,7 +36,8 @@ from proxy.sources.hf.xettokens import TOKEN_SECONDS, XORB_URL_SECONDS, XetGrant
 from proxy.store.blobs import BlobFile
 from proxy.store.digest import Digest
 from proxy.store.freshness import FOREVER
-from proxy.store.records import ReadScope, Reference
+from proxy.store.fill import Opener
+from proxy.store.records import Origin, ReadScope, Reference
 from proxy.store.requests import BlobRequest
 from proxy.store.small import Document
 from proxy.store.store import Store
@@ -134,7 +135,7 @@ class XetService:
             if not XET_HASH.match(xorb):
                 raise HubUnavailable("the Xet CAS named a xorb by something that is not a Xet hash")
             signed = XorbGrant(grant, file_hash, "", xorb)
-            await self._store.fetch(self._xorb_request(signed, repo, await self._stored_as(xorb)))
+            await self._store.fetch(self._xorb_request(signed, await self._stored_as(xorb)))
         return len(xorbs)
 
     async def _whole_file(self, grant: XetGrant, file_hash: str, file_range: str, method: str | None) -> bytes | None:
@@ -198,12 +199,11 @@ class XetService:
 
     async def _xorb(self, xorb: str, request: Request) -> Response:
         signed = self._tokens.check_xorb(request.query_params.get("sig"), xorb)
-        repo = Repo(signed.grant.repo_type, signed.grant.repo_id)
-        blob_request = self._xorb_request(signed, repo, await self._stored_as(xorb))
+        blob_request = self._xorb_request(signed, await self._stored_as(xorb))
         if blob_request.digest is None or not await self._store.holds(blob_request.scope, blob_request.digest):
             # Whole and verified before any range of it is served.
             blob = await self._store.fetch(blob_request)
-            blob_request = self._xorb_request(signed, repo, blob.digest)
+            blob_request = self._xorb_request(signed, blob.digest)
         return await self._store.serve(
             blob_request, method=request.method, range_header=request.headers.get("range"),
             headers={"Accept-Ranges": "bytes"}, media_type="application/octet-stream",
@@ -214,25 +214,8 @@ class XetService:
         known = await self._store.refs.get(XORBS, xorb)
         return Digest.from_hex(known.digest) if known is not None and known.digest else None
 
-    def _xorb_request(self, signed: XorbGrant, repo: Repo, digest: Digest | None) -> BlobRequest:
-        async def confirm() -> int | None:
-            return None  # the signature is the origin's yes: it named this xorb in this repo's reconstruction
-
-        async def remember(blob: BlobFile) -> None:
-            now = time.time()
-            await self._store.refs.put(Reference(XORBS, signed.xorb, blob.digest.hex, now, FOREVER))
-
-        return BlobRequest(
-            scope=ReadScope.hf(repo.key),
-            origin=self._origin,
-            opener=lambda: self._open_xorb(signed),
-            translate=translate,
-            digest=digest,
-            name=f"{XORBS}:{signed.xorb}" if digest is None else None,
-            confirm=confirm,
-            check=XorbCheck(signed.xorb),
-            after_commit=remember,
-        )
+    def _xorb_request(self, signed: XorbGrant, digest: Digest | None) -> BlobRequest:
+        return xorb_request(self._store, self._origin, signed, lambda: self._open_xorb(signed), digest)
 
     async def _open_xorb(self, signed: XorbGrant) -> BlobDownload:
         """The whole xorb from the origin: at the URL of the cached reconstruction, or, once that
@@ -283,6 +266,35 @@ class XetService:
         if not cas_url or not access or not str(expires).isdigit() or not str(cas_url).startswith(("http://", "https://")):
             raise HubUnavailable("the Hub's xet-read-token answer lacked the CAS URL, token or expiry")
         return _Upstream(str(cas_url), str(access), float(expires))
+
+
+def xorb_request(store: Store, origin: Origin, signed: XorbGrant, opener: Opener, digest: Digest | None) -> BlobRequest:
+    """A read of one xorb, named by its hash: `digest` is the sha256 its bytes were stored by, when
+    the index knows it.
+
+    A miss always fills by the xorb's name, never by that digest: the name is what every request
+    for the xorb shares, on this node and on the others. The digest is named (the hf-xorb
+    reference) just before the file is committed, so a request that reads the reference in between
+    would otherwise start a second fill, under another key and another lease, and fetch the xorb
+    from the origin again."""
+
+    async def confirm() -> int | None:
+        return None  # the signature is the origin's yes: it named this xorb in this repo's reconstruction
+
+    async def remember(blob: BlobFile) -> None:
+        await store.refs.put(Reference(XORBS, signed.xorb, blob.digest.hex, time.time(), FOREVER))
+
+    return BlobRequest(
+        scope=ReadScope.hf(Repo(signed.grant.repo_type, signed.grant.repo_id).key),
+        origin=origin,
+        opener=opener,
+        translate=translate,
+        digest=digest,
+        name=f"{XORBS}:{signed.xorb}",
+        confirm=confirm,
+        check=XorbCheck(signed.xorb),
+        after_commit=remember,
+    )
 
 
 def _bearer(request: Request) -> str | None:

@@ -1,0 +1,145 @@
+"""A xorb is fetched from the origin once, whatever moment a request for it arrives at.
+
+The mirror names a fetched xorb's sha256 (its `hf-xorb` reference) just before the file is
+committed. A request that reads that name while the commit is still under way must join the fill
+already running (on this node, or another node's through the lease), not start one of its own
+under the digest's key. The end-to-end fleet test is in test_xet_mirror.py; here, stores on one
+directory and one index, the test holding the commit open, find that window every time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from proxy.sources.hf.names import Repo
+from proxy.sources.hf.xet import XORBS, xorb_request
+from proxy.sources.hf.xetformat import chunk_hash, hash_hex, xorb_hash
+from proxy.sources.hf.xettokens import XetGrant, XorbGrant
+from proxy.store.digest import Digest
+from proxy.store.records import LeaseState, ReadScope
+from tests.door import ORIGIN, ScriptedUpstream, digest_of, get
+from tests.test_fleet_fills import Node, lease_of, wait_for
+
+pytestmark = pytest.mark.anyio
+
+MODEL = Repo("model", "org/model")
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+async def nodes(tmp_path: Path, index_url: str):  # type: ignore[no-untyped-def]
+    started = [Node(name, tmp_path / "cache", index_url) for name in ("a", "b")]
+    for node in started:
+        await node.store.start()
+    yield started
+    for node in started:
+        await node.store.aclose()
+
+
+def a_xorb(chunks: int = 5, chunk_bytes: int = 100_000) -> tuple[bytes, str]:
+    """A xorb as xet-core writes one with uncompressed chunks, and its hash."""
+    body, entries = bytearray(), []
+    for n in range(chunks):
+        data = bytes([n + 1]) * 17 + time.time_ns().to_bytes(8, "little") * (chunk_bytes // 8)
+        size = len(data).to_bytes(3, "little")
+        body += bytes([0]) + size + bytes([0]) + size + data  # version, compressed size, scheme none, size
+        entries.append((chunk_hash(data), len(data)))
+    return bytes(body), hash_hex(xorb_hash(entries))
+
+
+def signed_for(xorb: str, repo: Repo = MODEL) -> XorbGrant:
+    grant = XetGrant(repo.type, repo.id, "main", "", time.time() + 600)
+    return XorbGrant(grant, "f" * 64, "", xorb)
+
+
+class HeldCommit:
+    """Holds a store's commit (the rename into blobs/) until released: the fill has verified the
+    xorb and named its digest, and its file is not there yet."""
+
+    def __init__(self, node: Node) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        commit = node.store.files.commit
+
+        def held(*args, **kwargs):  # type: ignore[no-untyped-def]
+            self.entered.set()
+            if not self.release.wait(timeout=30):
+                raise TimeoutError("the test never released the commit")
+            return commit(*args, **kwargs)
+
+        node.store.files.commit = held  # type: ignore[method-assign]
+
+
+async def named_meanwhile(node: Node, xorb: str) -> Digest:
+    """The digest the xorb's reference names while the first fill's commit is held."""
+    known = await node.store.refs.get(XORBS, xorb)
+    assert known is not None and known.digest, "the reference is written before the commit"
+    digest = Digest.from_hex(known.digest)
+    assert not await node.store.holds(ReadScope.hf(MODEL.key), digest), "the file is not committed yet"
+    return digest
+
+
+async def test_a_request_that_finds_the_xorb_named_mid_commit_on_the_same_node_joins_the_running_fill(nodes) -> None:  # type: ignore[no-untyped-def]
+    a, _ = nodes
+    data, xorb = a_xorb()
+    upstream = ScriptedUpstream(data)
+    held = HeldCommit(a)
+    signed = signed_for(xorb)
+    first = asyncio.create_task(get(a.store, xorb_request(a.store, ORIGIN, signed, upstream.open, None)))
+    await asyncio.to_thread(held.entered.wait, 30)
+    digest = await named_meanwhile(a, xorb)
+    second = asyncio.create_task(get(a.store, xorb_request(a.store, ORIGIN, signed, upstream.open, digest)))
+    # The second request has decided once it follows a fill: the first one's, or one of its own.
+    await wait_for(lambda: upstream.opens > 1 or a.store.fill_in_flight(f"{XORBS}:{xorb}").stats.followers > 0)
+    held.release.set()
+    assert [r.body for r in await asyncio.gather(first, second)] == [data, data]
+    assert upstream.opens == 1
+    assert digest == digest_of(data)
+
+
+async def test_a_node_that_finds_the_xorb_named_while_another_commits_it_follows_that_fill(nodes) -> None:  # type: ignore[no-untyped-def]
+    a, b = nodes
+    data, xorb = a_xorb()
+    upstream_a, upstream_b = ScriptedUpstream(data), ScriptedUpstream(data)
+    held = HeldCommit(a)
+    signed = signed_for(xorb)
+    first = asyncio.create_task(get(a.store, xorb_request(a.store, ORIGIN, signed, upstream_a.open, None)))
+    await asyncio.to_thread(held.entered.wait, 30)
+    digest = await named_meanwhile(b, xorb)
+    second = asyncio.create_task(get(b.store, xorb_request(b.store, ORIGIN, signed, upstream_b.open, digest)))
+    # Node b has decided once it has a fill of its own in flight: following a's lease, or fetching.
+    await wait_for(lambda: upstream_b.opens > 0 or b.store.fill_in_flight(f"{XORBS}:{xorb}") is not None)
+    held.release.set()
+    assert [r.body for r in await asyncio.gather(first, second)] == [data, data]
+    assert (upstream_a.opens, upstream_b.opens) == (1, 0)
+
+
+async def test_a_xorb_another_repo_stored_is_served_to_a_repo_whose_reconstruction_names_it_without_the_origin(nodes) -> None:  # type: ignore[no-untyped-def]
+    a, _ = nodes
+    data, xorb = a_xorb()
+    upstream = ScriptedUpstream(data)
+    stored = await a.store.fetch(xorb_request(a.store, ORIGIN, signed_for(xorb), upstream.open, None))
+    assert stored.digest == digest_of(data)
+    # Later than the janitor keeps a finished lease (FINISHED_LEASE_SECONDS): no fleet record of
+    # the fill is left to adopt the blob from.
+    await wait_for(lambda: (lease := lease_of(a, f"{XORBS}:{xorb}")) is not None and lease.state == LeaseState.COMMITTED)
+    assert a.store.index.leases.drop_old(finished_before=time.time() + 1, renewed_before=0) == 1
+    other = Repo("model", "org/fine-tune")
+    digest = await a.store.refs.get(XORBS, xorb)
+    assert digest is not None
+    request = xorb_request(a.store, ORIGIN, signed_for(xorb, other), upstream.open, Digest.from_hex(digest.digest))
+    assert not await a.store.holds(request.scope, digest_of(data))
+    # The signed URL is the origin's yes (it named this xorb in that repo's reconstruction): the
+    # stored bytes are admitted to the other repo's scope, and no byte is fetched again.
+    assert (await get(a.store, request)).body == data
+    assert upstream.opens == 1
+    assert await a.store.holds(request.scope, digest_of(data))
