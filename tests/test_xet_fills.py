@@ -5,6 +5,8 @@ committed. A request that reads that name while the commit is still under way mu
 already running (on this node, or another node's through the lease), not start one of its own
 under the digest's key. The end-to-end fleet test is in test_xet_mirror.py; here, stores on one
 directory and one index, the test holding the commit open, find that window every time.
+
+And a xorb is checked only as a whole (its Merkle hash): no range of it is served before that.
 """
 
 from __future__ import annotations
@@ -16,13 +18,15 @@ from pathlib import Path
 
 import pytest
 
+from proxy.sources.hf.errors import HfError
 from proxy.sources.hf.names import Repo
 from proxy.sources.hf.xet import XORBS, xorb_request
 from proxy.sources.hf.xetformat import chunk_hash, hash_hex, xorb_hash
 from proxy.sources.hf.xettokens import XetGrant, XorbGrant
 from proxy.store.digest import Digest
+from proxy.store.events import Outcome
 from proxy.store.records import LeaseState, ReadScope
-from tests.door import ORIGIN, ScriptedUpstream, digest_of, get
+from tests.door import ORIGIN, Events, ScriptedUpstream, digest_of, get, new_store
 from tests.test_fleet_fills import Node, lease_of, wait_for
 
 pytestmark = pytest.mark.anyio
@@ -143,3 +147,40 @@ async def test_a_xorb_another_repo_stored_is_served_to_a_repo_whose_reconstructi
     assert (await get(a.store, request)).body == data
     assert upstream.opens == 1
     assert await a.store.holds(request.scope, digest_of(data))
+
+
+async def test_a_range_of_a_xorb_waits_for_the_whole_xorb_and_the_first_request_is_counted_as_a_miss(tmp_path: Path, index_url: str) -> None:
+    events = Events()
+    store = new_store(tmp_path, index_url, events=events)
+    await store.start()
+    try:
+        data, xorb = a_xorb()
+        upstream = ScriptedUpstream(data)
+        first = await get(store, xorb_request(store, ORIGIN, signed_for(xorb), upstream.open, None), range_header="bytes=0-99")
+        assert (first.status, first.body) == (206, data[:100])
+        known = await store.refs.get(XORBS, xorb)
+        assert known is not None
+        again = await get(store, xorb_request(store, ORIGIN, signed_for(xorb), upstream.open, Digest.from_hex(known.digest)),
+                          range_header="bytes=100-199")
+        assert (again.status, again.body) == (206, data[100:200])
+        assert [outcome for _, outcome, _ in events.requests] == [Outcome.MISS, Outcome.HIT]
+        assert upstream.opens == 1
+    finally:
+        await store.aclose()
+
+
+async def test_no_byte_of_a_xorb_whose_last_chunk_is_wrong_reaches_a_client(tmp_path: Path, index_url: str) -> None:
+    store = new_store(tmp_path, index_url)
+    await store.start()
+    try:
+        data, xorb = a_xorb()
+        tampered = bytearray(data)
+        tampered[-1] ^= 0x01  # inside the last chunk: every byte a range of the first chunk names is right
+        upstream = ScriptedUpstream(bytes(tampered))
+        with pytest.raises(HfError) as refused:
+            await get(store, xorb_request(store, ORIGIN, signed_for(xorb), upstream.open, None), range_header="bytes=0-99")
+        assert refused.value.status == 503 and "hashes to" in refused.value.message
+        assert await store.refs.get(XORBS, xorb) is None
+        assert store.files.stat(digest_of(bytes(tampered))) is None
+    finally:
+        await store.aclose()

@@ -44,6 +44,9 @@ class BlobRequest:
     confirm: Confirm | None = None
     check: ContentCheck | None = None
     after_commit: AfterCommit | None = None
+    # Served only once fetched whole and verified: bytes whose check holds only for the whole (a
+    # xorb's Merkle hash), where a range could otherwise reach the client before the check has run.
+    whole_first: bool = False
 
     def __post_init__(self) -> None:
         if self.digest is None and self.name is None:

@@ -142,9 +142,9 @@ class Store:
         if method == "HEAD":
             return await self._head_miss(request)
         fill, joined = await self._attach(request)
-        size = await fill.opened()
+        size = None if request.whole_first else await fill.opened()
         if size is None:
-            # The upstream announced no length: the client gets the blob once it is whole.
+            # Asked to (or the upstream announced no length): the client gets the blob once it is whole.
             done = await fill.finished()
             if done is None:
                 raise fill.error or FetchFailed(f"fetching {request.fill_key} failed")

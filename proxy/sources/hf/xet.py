@@ -200,10 +200,9 @@ class XetService:
     async def _xorb(self, xorb: str, request: Request) -> Response:
         signed = self._tokens.check_xorb(request.query_params.get("sig"), xorb)
         blob_request = self._xorb_request(signed, await self._stored_as(xorb))
-        if blob_request.digest is None or not await self._store.holds(blob_request.scope, blob_request.digest):
-            # Whole and verified before any range of it is served.
-            blob = await self._store.fetch(blob_request)
-            blob_request = self._xorb_request(signed, blob.digest)
+        if request.method == "HEAD":
+            # A HEAD never starts a fill, and only the whole xorb tells its size (hf_xet never asks).
+            blob_request = self._xorb_request(signed, (await self._store.fetch(blob_request)).digest)
         return await self._store.serve(
             blob_request, method=request.method, range_header=request.headers.get("range"),
             headers={"Accept-Ranges": "bytes"}, media_type="application/octet-stream",
@@ -294,6 +293,7 @@ def xorb_request(store: Store, origin: Origin, signed: XorbGrant, opener: Opener
         confirm=confirm,
         check=XorbCheck(signed.xorb),
         after_commit=remember,
+        whole_first=True,  # whole and verified before any range of it is served
     )
 
 
