@@ -43,18 +43,17 @@ import hmac
 import json
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterable
 from urllib.parse import parse_qs, urlsplit
 
+from .http_double import DoubleHandler, LoopbackHosts, LoopbackServer
 from .ports import free_port
 from .xet_formats import FormatError, Term, XorbLayout, is_hash, parse_shard, parse_xorb
 
@@ -197,44 +196,21 @@ def _json(body: object, status: int = 200) -> _Reply:
     return _Reply(status, json.dumps(body).encode(), "application/json")
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
+class _Server(LoopbackServer):
     def __init__(self, port: int, cas: "FakeCas", role: str) -> None:
-        self.cas, self.role = cas, role
-        self.open_sockets: set[socket.socket] = set()
-        self.sockets_lock = threading.Lock()
-        super().__init__(("127.0.0.1", port), _Handler)
-
-    def process_request(self, request, client_address):
-        with self.sockets_lock:
-            self.open_sockets.add(request)
-        super().process_request(request, client_address)
-
-    def shutdown_request(self, request):
-        with self.sockets_lock:
-            self.open_sockets.discard(request)
-        super().shutdown_request(request)
+        self.cas = cas
+        super().__init__(port, _Handler, role)
 
     def handle_error(self, request, client_address):
         if not isinstance(sys.exc_info()[1], ConnectionError):  # clients drop pooled connections when they exit
             super().handle_error(request, client_address)
 
-    def cut_connections(self) -> None:
-        with self.sockets_lock:
-            sockets = list(self.open_sockets)
-        for sock in sockets:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
-
-class FakeCas:
+class FakeCas(LoopbackHosts):
     """Xorbs, files and the request log of a CAS; see the module docstring for routes and usage."""
 
     def __init__(self, workdir: Path, *, token: str | None = None, url_ttl: int = 3600) -> None:
+        super().__init__()
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         #: The bearer token the CAS accepts (what the fake Hub's xet-read-token hands out).
@@ -252,38 +228,14 @@ class FakeCas:
         self._log: list[CasRequest] = []
         self._lock = threading.Lock()
         self.port, self.transfer_port = free_port(), free_port()
-        self._servers: list[_Server] = []
-        self._threads: list[threading.Thread] = []
 
     # -- lifecycle --------------------------------------------------------------------------------
 
-    @classmethod
-    def start(cls, workdir: Path, **options) -> "FakeCas":
-        cas = cls(workdir, **options)
-        cas.restart()
-        return cas
+    def _hosts(self) -> dict[str, int]:
+        return {"cas": self.port, "transfer": self.transfer_port}
 
-    def restart(self) -> None:
-        """Serve (again) on the same two ports."""
-        if self._servers:
-            return
-        for port, role in ((self.port, "cas"), (self.transfer_port, "transfer")):
-            server = _Server(port, self, role)
-            thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                                      name=f"fake-{role}", daemon=True)
-            thread.start()
-            self._servers.append(server)
-            self._threads.append(thread)
-
-    def stop(self) -> None:
-        """Both ports refuse connections and open keep-alive connections are cut."""
-        for server in self._servers:
-            server.shutdown()
-            server.server_close()
-            server.cut_connections()
-        for thread in self._threads:
-            thread.join(timeout=5)
-        self._servers, self._threads = [], []
+    def _server(self, port: int, role: str) -> _Server:
+        return _Server(port, self, role)
 
     @property
     def url(self) -> str:
@@ -442,22 +394,8 @@ def _term_json(term: Term) -> dict:
             "range": {"start": term.chunk_start, "end": term.chunk_end}}
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True
+class _Handler(DoubleHandler):
     server: _Server
-
-    def log_message(self, format, *args):  # the CAS keeps its own log
-        pass
-
-    def do_GET(self):
-        self._dispatch()
-
-    def do_HEAD(self):
-        self._dispatch()
-
-    def do_POST(self):
-        self._dispatch()
 
     def do_PUT(self):
         self._dispatch()
@@ -506,7 +444,7 @@ class _Handler(BaseHTTPRequestHandler):
         entry = self.server.cas.record(CasRequest(self.server.role, self.kind, self.command, self.path, reply.status,
                                                   self.headers.get("Range"), body_size, len(self.body),
                                                   self.authorized, headers))
-        sent = 0
+        self.sent = 0
         try:
             self.send_response(reply.status)
             self.send_header("Content-Type", reply.content_type)
@@ -516,14 +454,11 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_header(name, value)
             self.end_headers()
             if self.command != "HEAD":
-                view = memoryview(reply.body)
-                for start in range(0, len(view), 1 << 20):
-                    self.wfile.write(view[start:start + (1 << 20)])
-                    sent += len(view[start:start + (1 << 20)])
+                self._write_body(reply.body)
             self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
-            self.server.cas.amend(entry, sent)
+            self.server.cas.amend(entry, self.sent)
 
     # -- CAS API ----------------------------------------------------------------------------------
 
@@ -534,9 +469,7 @@ class _Handler(BaseHTTPRequestHandler):
         version = parts[0] if parts else ""
         route = tuple(parts[1:])
         self.kind = self._kind(version, route)
-        auth = self.headers.get("Authorization", "")
-        token = auth[7:].strip() if auth.lower().startswith("bearer ") else None
-        if token not in cas.tokens:
+        if self._bearer_token() not in cas.tokens:
             raise _json({"error": "unauthorized"}, 401)
         self.authorized = True
         if version == "v2" and not cas.v2:

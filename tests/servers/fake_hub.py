@@ -19,17 +19,16 @@ import functools
 import hashlib
 import hmac
 import json
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterable
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from .fake_cas import FakeCas
+from .http_double import DoubleHandler, LoopbackHosts, LoopbackServer
 from .ports import free_port
 
 #: Files at least this big are stored in LFS (the Hub's default .gitattributes adds the extensions below).
@@ -180,35 +179,10 @@ class Hit:
     user_agent: str | None = None
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, address, handler, hub: "FakeHub", role: str) -> None:
+class _Server(LoopbackServer):
+    def __init__(self, port: int, hub: "FakeHub", role: str) -> None:
         self.hub = hub
-        self.role = role
-        self.open_sockets: set[socket.socket] = set()
-        self.sockets_lock = threading.Lock()
-        super().__init__(address, handler)
-
-    def process_request(self, request, client_address):
-        with self.sockets_lock:
-            self.open_sockets.add(request)
-        super().process_request(request, client_address)
-
-    def shutdown_request(self, request):
-        with self.sockets_lock:
-            self.open_sockets.discard(request)
-        super().shutdown_request(request)
-
-    def cut_connections(self) -> None:
-        with self.sockets_lock:
-            sockets = list(self.open_sockets)
-        for sock in sockets:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        super().__init__(port, _Handler, role)
 
 
 class _Reply(Exception):
@@ -228,11 +202,12 @@ def hub_error(status: int, code: str | None, message: str, extra: dict[str, str]
     return _Reply(status, headers, json.dumps({"error": message}).encode())
 
 
-class FakeHub:
+class FakeHub(LoopbackHosts):
     """The Hub at `url` and its CDN at `cdn_url`; declare repos with `add_repo`, read traffic with `hits()`."""
 
     def __init__(self, workdir: Path, *, lfs_threshold: int = DEFAULT_LFS_THRESHOLD, tree_page_size: int = 3,
                  small_file_redirect: bool = True, cas: FakeCas | None = None) -> None:
+        super().__init__()
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.workdir / "fake_hub.log"
@@ -256,44 +231,14 @@ class FakeHub:
         self._secret = hashlib.sha256(str(time.time_ns()).encode()).digest()
         self.port = free_port()
         self.cdn_port = free_port()
-        self._servers: list[_Server] = []
-        self._threads: list[threading.Thread] = []
 
     # -- lifecycle --------------------------------------------------------------------------------
 
-    @classmethod
-    def start(cls, workdir: Path, **options) -> "FakeHub":
-        hub = cls(workdir, **options)
-        hub._serve()
-        return hub
+    def _hosts(self) -> dict[str, int]:
+        return {"hub": self.port, "cdn": self.cdn_port}
 
-    def _serve(self) -> None:
-        for port, role in ((self.port, "hub"), (self.cdn_port, "cdn")):
-            server = _Server(("127.0.0.1", port), _Handler, self, role)
-            thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                                      name=f"fake-{role}", daemon=True)
-            thread.start()
-            self._servers.append(server)
-            self._threads.append(thread)
-
-    def stop(self) -> None:
-        """Unreachable: both ports refuse connections and open keep-alive connections are cut."""
-        for server in self._servers:
-            server.shutdown()
-            server.server_close()
-            server.cut_connections()
-        for thread in self._threads:
-            thread.join(timeout=5)
-        self._servers, self._threads = [], []
-
-    def restart(self) -> None:
-        """Serve again on the same ports after `stop()`."""
-        if not self._servers:
-            self._serve()
-
-    @property
-    def running(self) -> bool:
-        return bool(self._servers)
+    def _server(self, port: int, role: str) -> _Server:
+        return _Server(port, self, role)
 
     @property
     def url(self) -> str:
@@ -430,22 +375,8 @@ class FakeHub:
         return None
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True  # headers and body go out in two writes: no 40 ms delayed-ACK stall
+class _Handler(DoubleHandler):
     server: _Server
-
-    def log_message(self, format, *args):  # the hub keeps its own log
-        pass
-
-    def do_HEAD(self):
-        self._dispatch()
-
-    def do_GET(self):
-        self._dispatch()
-
-    def do_POST(self):
-        self._dispatch()
 
     # -- plumbing ---------------------------------------------------------------------------------
 
@@ -488,21 +419,13 @@ class _Handler(BaseHTTPRequestHandler):
                     self.wfile.flush()
                     gate.wait(timeout=120)
                 rate = hub.cdn_rate if self.server.role == "cdn" else None
-                step = 64 * 1024 if rate else 1 << 20
-                view = memoryview(body)
-                for start in range(0, len(view), step):
-                    self.wfile.write(view[start:start + step])
-                    if rate:
-                        time.sleep(step / rate)
+                if rate:
+                    self._write_body(body, 64 * 1024, 64 * 1024 / rate)
+                else:
+                    self._write_body(body)
             self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
-
-    def _token(self) -> str | None:
-        value = self.headers.get("Authorization")
-        if value and value.lower().startswith("bearer "):
-            return value[7:].strip()
-        return None
 
     def _query(self) -> dict[str, list[str]]:
         return parse_qs(urlsplit(self.path).query, keep_blank_values=True)
@@ -512,7 +435,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _find_repo(self, repo_type: str, repo_id: str) -> FakeRepo:
         """The repo if this caller may see it exists; RepoNotFound (401 anonymous, 404 with a token) otherwise."""
         hub = self.server.hub
-        token = self._token()
+        token = self._bearer_token()
         if token is not None and token not in hub.valid_tokens:
             raise hub_error(401, None, "Invalid credentials in Authorization header")
         repo = hub.repos.get((repo_type, repo_id))
@@ -524,7 +447,7 @@ class _Handler(BaseHTTPRequestHandler):
         """Gated repos: file content only for tokens the repo authorized (401 anonymous, 403 others)."""
         if not repo.gated:
             return
-        token = self._token()
+        token = self._bearer_token()
         if token in repo.authorized_tokens:
             return
         kind = repo.repo_type
@@ -801,7 +724,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _auth_check(self, repo_type: str, repo_id: str) -> None:
         repo = self._find_repo(repo_type, repo_id)
         self._check_content_access(repo)
-        raise _json(200, {"auth": {"type": "access_token" if self._token() else "anonymous"}})
+        raise _json(200, {"auth": {"type": "access_token" if self._bearer_token() else "anonymous"}})
 
     def _xet_read_token(self, repo_type: str, repo_id: str, revision: str) -> None:
         hub = self.server.hub
