@@ -9,19 +9,16 @@ own process with a clean environment. The last tests break the fake on purpose a
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.servers.fake_cas import FAST_FAILING_XET, FakeCas
 from tests.servers.fake_hub import FakeHub
+from tests.xet_fixtures import cas, client_env, hub_with, run_client_script, sha256, xet_hash  # noqa: F401 - a fixture
+from tests.xet_sockets import SocketWatch
 
 pytestmark = pytest.mark.real
 
@@ -30,36 +27,7 @@ SIZE = 6 * 1024 * 1024 + 123  # several xorb-sized reads, not a multiple of any 
 TOKEN = "hf_fake_cas_user_0123456789"
 
 CLIENT = r'''
-import hashlib, json, os, socket, struct, sys, threading, time, traceback
-
-def remote_ports():
-    """Remote ports of this process's TCP sockets (hf_xet connects from Rust, out of Python's sight)."""
-    inodes = set()
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    ports = set()
-    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
-        try:
-            lines = open(table).read().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if fields[9] in inodes:
-                ports.add(int(fields[2].split(":")[1], 16))
-    return ports
-
-seen = set()
-done = threading.Event()
-def watch():
-    while not done.is_set():
-        seen.update(remote_ports())
-        time.sleep(0.002)
+import hashlib, json, sys, time, traceback
 
 def run(action, a):
     import huggingface_hub as hh
@@ -78,50 +46,31 @@ def run(action, a):
         return {"sha256": hashlib.sha256(data).hexdigest(), "length": len(data)}
     raise ValueError(action)
 
-thread = threading.Thread(target=watch, daemon=True)
-thread.start()
 try:
-    value = run(sys.argv[1], json.loads(sys.argv[2]))
-    result = {"ok": True, "value": value}
+    result = {"ok": True, "value": run(sys.argv[1], json.loads(sys.argv[2]))}
 except BaseException as exc:
     result = {"ok": False, "error": type(exc).__name__, "message": str(exc)[-2000:],
               "trace": traceback.format_exc()[-3000:]}
-seen.update(remote_ports())  # idle pooled connections are still open here
-done.set()
-result["ports"] = sorted(seen)
 print("@@RESULT@@" + json.dumps(result))
 '''
 
 
 def run_client(tmp_path: Path, action: str, hf_endpoint: str | None = None, extra_env: dict[str, str] | None = None,
                **args) -> dict:
+    """One client in its own process; "ports" are the remote ports of the TCP sockets it held."""
     home = tmp_path / f"client-{len(list(tmp_path.glob('client-*')))}"
     home.mkdir(parents=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
-    env.update(FAST_FAILING_XET, HF_HOME=str(home), HF_XET_CACHE=str(home / "xet"), HF_HUB_DISABLE_TELEMETRY="1",
-               HF_HUB_DISABLE_PROGRESS_BARS="1", HF_HUB_ETAG_TIMEOUT="10", HF_HUB_DOWNLOAD_TIMEOUT="20",
-               NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
-    if hf_endpoint:
-        env["HF_ENDPOINT"] = hf_endpoint
-    env.update(extra_env or {})
-    proc = subprocess.run([sys.executable, "-c", CLIENT, action, json.dumps(args)], env=env, cwd=home,
-                          capture_output=True, text=True, timeout=120)
-    for line in proc.stdout.splitlines():
-        if line.startswith("@@RESULT@@"):
-            result = json.loads(line[len("@@RESULT@@"):])
-            result["stderr"] = proc.stderr[-3000:]
-            return result
-    raise AssertionError(f"client printed no result (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                         f"{proc.stderr[-3000:]}")
+    env = client_env(home, hf_endpoint)
+    env.update(HF_XET_CACHE=str(home / "xet"), **(extra_env or {}))
+    watch = SocketWatch()
+    result = run_client_script(CLIENT, [action, json.dumps(args)], env, home, watch=watch)
+    result["ports"] = sorted({port for _, port in watch.remotes})
+    return result
 
 
 def ok(result: dict) -> dict:
     assert result["ok"], f"{result['error']}: {result['message']}\n{result['trace']}\n{result['stderr']}"
     return result["value"]
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def revisions() -> tuple[bytes, bytes]:
@@ -133,27 +82,14 @@ def revisions() -> tuple[bytes, bytes]:
     return first, bytes(second)
 
 
-@pytest.fixture
-def cas(tmp_path) -> FakeCas:
-    server = FakeCas.start(tmp_path / "cas")
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def hub(tmp_path, cas) -> FakeHub:
-    server = FakeHub.start(tmp_path / "hub", cas=cas)
+def declare_repos(hub: FakeHub) -> None:
     first, second = revisions()
-    server.add_repo(REPO, xet=True, authorized_tokens={TOKEN}, files={
+    hub.add_repo(REPO, xet=True, authorized_tokens={TOKEN}, files={
         "config.json": b'{"model_type": "xet"}', "model.safetensors": first},
         branches={"v2": {"config.json": b'{"model_type": "xet"}', "model.safetensors": second}})
-    cas.reset_requests()
-    yield server
-    server.stop()
 
 
-def xet_hash(hub: FakeHub, revision: str = "main") -> str:
-    return hub.repo(REPO).resolve(revision).files["model.safetensors"].xet_hash
+hub = hub_with(declare_repos)
 
 
 # -- uploads --------------------------------------------------------------------------------------------
@@ -182,7 +118,7 @@ def test_real_client_downloads_a_xet_file_from_the_fake_cas_and_not_from_the_hub
     result = run_client(tmp_path, "download", hub.url, repo=REPO, filename="model.safetensors", token=TOKEN)
     assert ok(result)["sha256"] == sha256(first)
     reconstructions = cas.requests(kind="reconstruction")
-    assert [r.target for r in reconstructions] == [f"/v2/reconstructions/{xet_hash(hub)}"]
+    assert [r.target for r in reconstructions] == [f"/v2/reconstructions/{xet_hash(hub, REPO)}"]
     assert all(r.status == 200 and r.authorized for r in reconstructions)
     ranges = cas.requests(kind="xorb-range")
     assert ranges and all(r.status == 206 and r.range.startswith("bytes=") for r in ranges), ranges
@@ -197,13 +133,14 @@ def test_real_client_downloads_a_xet_file_from_the_fake_cas_and_not_from_the_hub
     result = run_client(tmp_path, "download", hub.url, repo=REPO, filename="model.safetensors", revision="v2",
                         token=TOKEN)
     assert ok(result)["sha256"] == sha256(second)
-    assert [r.target for r in cas.requests(kind="reconstruction")] == [f"/v2/reconstructions/{xet_hash(hub, 'v2')}"]
+    assert [r.target for r in cas.requests(kind="reconstruction")] == [
+        f"/v2/reconstructions/{xet_hash(hub, REPO, 'v2')}"]
 
 
 def test_real_client_reads_part_of_a_file_through_a_ranged_reconstruction(hub, cas, tmp_path):
     first, _ = revisions()
     start, end = 1_000_003, 2_500_017
-    result = run_client(tmp_path, "stream", endpoint=cas.url, token=cas.token, hash=xet_hash(hub), size=SIZE,
+    result = run_client(tmp_path, "stream", endpoint=cas.url, token=cas.token, hash=xet_hash(hub, REPO), size=SIZE,
                         start=start, end=end)
     assert ok(result) == {"sha256": sha256(first[start:end]), "length": end - start}
     [reconstruction] = cas.requests(kind="reconstruction")
@@ -217,7 +154,7 @@ def test_client_falls_back_to_v1_reconstructions_on_a_cas_without_v2(hub, cas, t
     result = run_client(tmp_path, "download", hub.url, repo=REPO, filename="model.safetensors", token=TOKEN)
     assert ok(result)["sha256"] == sha256(first)
     assert [(r.target, r.status) for r in cas.requests(kind="reconstruction")] == [
-        (f"/v2/reconstructions/{xet_hash(hub)}", 404), (f"/v1/reconstructions/{xet_hash(hub)}", 200)]
+        (f"/v2/reconstructions/{xet_hash(hub, REPO)}", 404), (f"/v1/reconstructions/{xet_hash(hub, REPO)}", 200)]
 
 
 def test_client_with_multirange_fetching_reads_two_ranges_of_a_xorb_in_one_multipart_answer(hub, cas, tmp_path):
@@ -231,7 +168,8 @@ def test_client_with_multirange_fetching_reads_two_ranges_of_a_xorb_in_one_multi
 
 def test_transfer_urls_are_signed_for_their_xorb_and_ranges(hub, cas):
     headers = {"Authorization": f"Bearer {cas.token}"}
-    v2 = httpx.get(f"{cas.url}/v2/reconstructions/{xet_hash(hub)}", headers={**headers, "Range": "bytes=0-99"}).json()
+    url = f"{cas.url}/v2/reconstructions/{xet_hash(hub, REPO)}"
+    v2 = httpx.get(url, headers={**headers, "Range": "bytes=0-99"}).json()
     [[fetch]] = v2["xorbs"].values()  # the first chunk only: the xorb goes on after it
     first, last = fetch["ranges"][0]["bytes"]["start"], fetch["ranges"][0]["bytes"]["end"]
     assert httpx.get(fetch["url"], headers={"Range": f"bytes={first}-{last}"}).status_code == 206
@@ -243,18 +181,19 @@ def test_transfer_urls_are_signed_for_their_xorb_and_ranges(hub, cas):
 
 def test_reconstruction_json_has_the_shape_of_cas_types(hub, cas):
     headers = {"Authorization": f"Bearer {cas.token}"}
-    v2 = httpx.get(f"{cas.url}/v2/reconstructions/{xet_hash(hub)}", headers=headers).json()
+    v2 = httpx.get(f"{cas.url}/v2/reconstructions/{xet_hash(hub, REPO)}", headers=headers).json()
     assert set(v2) == {"offset_into_first_range", "terms", "xorbs"} and v2["offset_into_first_range"] == 0
     assert sum(t["unpacked_length"] for t in v2["terms"]) == SIZE
     assert set(v2["terms"][0]) == {"hash", "unpacked_length", "range"}
     for fetches in v2["xorbs"].values():
         for fetch in fetches:
             assert fetch["url"].startswith(cas.transfer_url) and set(fetch["ranges"][0]) == {"chunks", "bytes"}
-    v1 = httpx.get(f"{cas.url}/v1/reconstructions/{xet_hash(hub)}", headers={**headers, "Range": "bytes=10-20"}).json()
+    v1_url = f"{cas.url}/v1/reconstructions/{xet_hash(hub, REPO)}"
+    v1 = httpx.get(v1_url, headers={**headers, "Range": "bytes=10-20"}).json()
     assert set(v1) == {"offset_into_first_range", "terms", "fetch_info"} and v1["offset_into_first_range"] == 10
     [[info]] = v1["fetch_info"].values()
     assert set(info) == {"range", "url", "url_range"} and info["url_range"]["start"] == 0
-    past_end = httpx.get(f"{cas.url}/v1/reconstructions/{xet_hash(hub)}", headers={**headers, "Range": f"bytes={SIZE}-"})
+    past_end = httpx.get(v1_url, headers={**headers, "Range": f"bytes={SIZE}-"})
     assert past_end.status_code == 416
 
 
@@ -262,7 +201,7 @@ def test_reconstruction_json_has_the_shape_of_cas_types(hub, cas):
 
 
 def test_cas_refuses_a_wrong_token_with_401_and_the_client_fails(hub, cas, tmp_path):
-    url = f"{cas.url}/v2/reconstructions/{xet_hash(hub)}"
+    url = f"{cas.url}/v2/reconstructions/{xet_hash(hub, REPO)}"
     assert httpx.get(url, headers={"Authorization": "Bearer not-the-token"}).status_code == 401
     assert httpx.get(url).status_code == 401
     assert httpx.get(url, headers={"Authorization": f"Bearer {cas.token}"}).status_code == 200

@@ -8,7 +8,6 @@ fetch it; its TCP sockets are read from /proc while it runs (hf_xet connects fro
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -25,11 +24,11 @@ from proxy.sources.hf.errors import HfError
 from proxy.sources.hf.xetformat import DigestMismatch, verify_xorb
 from proxy.sources.hf.xettokens import XetGrant, XetTokens, XorbGrant
 from tests.conftest import drop_postgres_database, fresh_postgres_database, require_tool
-from tests.servers.fake_cas import FAST_FAILING_XET, FakeCas
 from tests.servers.fake_hub import FakeHub
 from tests.servers.ports import free_port
 from tests.servers.pullthrough import Pullthrough, render_config
 from tests.test_hf_mirror import ALICE, BOB, SERVICE, payload
+from tests.xet_fixtures import cas, client_env, hub_with, run_client_script, sha256, xet_hash  # noqa: F401 - a fixture
 from tests.xet_sockets import SocketWatch
 
 pytestmark = pytest.mark.real
@@ -56,28 +55,20 @@ GATED_BYTES = payload("gated-xet", 1024 * 1024 + 3)
 # -- servers ------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def cas(tmp_path) -> FakeCas:
-    server = FakeCas.start(tmp_path / "cas")
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def hub(tmp_path, cas) -> FakeHub:
-    server = FakeHub.start(tmp_path / "hub", cas=cas)
-    server.add_repo(XET_MODEL, xet=True, files={
+def declare_repos(hub: FakeHub) -> None:
+    hub.add_repo(XET_MODEL, xet=True, files={
         "config.json": b'{"model_type": "xet"}',
         "model.safetensors": MODEL_BYTES,
     }, branches={"revised": {"config.json": b'{"model_type": "xet"}', "model.safetensors": REVISED_BYTES}})
-    server.add_repo(GATED, xet=True, gated=True, authorized_tokens={ALICE}, files={
+    hub.add_repo(GATED, xet=True, gated=True, authorized_tokens={ALICE}, files={
         "config.json": b'{"model_type": "gated"}',
         "model.safetensors": GATED_BYTES,
     })
-    server.add_token(BOB)
-    server.add_token(SERVICE)
-    yield server
-    server.stop()
+    hub.add_token(BOB)
+    hub.add_token(SERVICE)
+
+
+hub = hub_with(declare_repos)
 
 
 def start_mirror(tmp_path: Path, hub: FakeHub, xet: str, *, name: str = "pt", cache_dir: Path | None = None,
@@ -127,35 +118,16 @@ def download(endpoint: str, home: Path, repo: str, filename: str, *, token: str 
              watch: SocketWatch | None = None, revision: str | None = None) -> dict:
     """One hf_hub_download in its own process; its remote TCP endpoints go to `watch` while it runs."""
     home.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
-    env.update(FAST_FAILING_XET, HF_HOME=str(home), HF_ENDPOINT=endpoint, HF_HUB_DISABLE_TELEMETRY="1",
-               HF_HUB_DISABLE_PROGRESS_BARS="1", HF_HUB_ETAG_TIMEOUT="10", HF_HUB_DOWNLOAD_TIMEOUT="20",
-               NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
+    env = client_env(home, endpoint)
     if not xet:
         env["HF_HUB_DISABLE_XET"] = "1"
     args = {"repo": repo, "filename": filename, "token": token, "max_http": 1000 if xet else None, "revision": revision}
-    proc = subprocess.Popen([sys.executable, "-c", CLIENT, json.dumps(args)], env=env, cwd=home,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    if watch is not None:
-        watch.follow(proc.pid)
-    out, err = proc.communicate(timeout=120)
-    if watch is not None:
-        watch.stop()
-    for line in out.splitlines():
-        if line.startswith("@@RESULT@@"):
-            result = json.loads(line[len("@@RESULT@@"):])
-            result["stderr"] = err[-3000:]
-            return result
-    raise AssertionError(f"the client printed no result (exit {proc.returncode}):\n{out[-2000:]}\n{err[-3000:]}")
+    return run_client_script(CLIENT, [json.dumps(args)], env, home, watch=watch)
 
 
 def ok(result: dict) -> str:
     assert result["ok"], f"{result['error']}: {result['message']}\n{result['trace']}\n{result['stderr']}"
     return result["sha256"]
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 # -- the xorb verifier, on xorbs the real hf_xet wrote --------------------------------------------------
@@ -277,7 +249,7 @@ def test_an_expired_origin_url_in_a_cached_reconstruction_is_renewed(tmp_path, h
     """The mirror keeps reconstructions, but the origin's signed URLs in them expire: a xorb not yet
     fetched is then opened at the URL of a fresh reconstruction."""
     commit = hub.repo(XET_MODEL).refs["refs/heads/main"]
-    file_hash = hub.repo(XET_MODEL).commits[commit].files["model.safetensors"].xet_hash
+    file_hash = xet_hash(hub, XET_MODEL, commit)
     with httpx.Client(base_url=mirror.url, timeout=30) as http:
         token = http.get(f"/api/models/{XET_MODEL}/xet-read-token/{commit}").json()["accessToken"]
         # What hf_xet asks for the whole file, cached by the mirror before any xorb is fetched.
@@ -322,13 +294,12 @@ def test_gated_xet_file_is_refused_to_other_callers(tmp_path, hub, cas, mirror):
         # A token of the mirror for the public repo does not open the gated repo's cached xorbs.
         public_commit = hub.repo(XET_MODEL).refs["refs/heads/main"]
         public = http.get(f"/api/models/{XET_MODEL}/xet-read-token/{public_commit}").json()["accessToken"]
-        file_hash = hub.repo(GATED).commits[commit].files["model.safetensors"].xet_hash
+        file_hash = xet_hash(hub, GATED, commit)
         gated = http.get(f"/xet-cas/v1/reconstructions/{file_hash}",
                          headers={"Authorization": f"Bearer {alice.json()['accessToken']}"}).json()
         xorb, [entry, *_] = next(iter(gated["fetch_info"].items()))
         assert entry["url"].startswith(f"{mirror.url}/xet-cas/xorbs/{xorb}?")
-        signed_for_public = http.get(f"/xet-cas/v1/reconstructions/"
-                                     f"{hub.repo(XET_MODEL).commits[public_commit].files['model.safetensors'].xet_hash}",
+        signed_for_public = http.get(f"/xet-cas/v1/reconstructions/{xet_hash(hub, XET_MODEL, public_commit)}",
                                      headers={"Authorization": f"Bearer {public}"}).json()
         public_url = next(iter(signed_for_public["fetch_info"].values()))[0]["url"]
         stolen = f"/xet-cas/xorbs/{xorb}?{public_url.split('?', 1)[1]}"
