@@ -92,16 +92,23 @@ async def named_meanwhile(node: Node, xorb: str) -> Digest:
     return digest
 
 
+async def a_fill_held_at_its_commit(
+    node: Node, reader: Node, xorb: str, upstream: ScriptedUpstream
+) -> tuple[asyncio.Task, HeldCommit, Digest]:
+    """A request's fill of the xorb on `node`, stopped at its commit, and the digest `reader` finds
+    the xorb named by meanwhile."""
+    held = HeldCommit(node)
+    first = asyncio.create_task(get(node.store, xorb_request(node.store, ORIGIN, signed_for(xorb), upstream.open, None)))
+    await asyncio.to_thread(held.entered.wait, 30)
+    return first, held, await named_meanwhile(reader, xorb)
+
+
 async def test_a_request_that_finds_the_xorb_named_mid_commit_on_the_same_node_joins_the_running_fill(nodes) -> None:  # type: ignore[no-untyped-def]
     a, _ = nodes
     data, xorb = a_xorb()
     upstream = ScriptedUpstream(data)
-    held = HeldCommit(a)
-    signed = signed_for(xorb)
-    first = asyncio.create_task(get(a.store, xorb_request(a.store, ORIGIN, signed, upstream.open, None)))
-    await asyncio.to_thread(held.entered.wait, 30)
-    digest = await named_meanwhile(a, xorb)
-    second = asyncio.create_task(get(a.store, xorb_request(a.store, ORIGIN, signed, upstream.open, digest)))
+    first, held, digest = await a_fill_held_at_its_commit(a, a, xorb, upstream)
+    second = asyncio.create_task(get(a.store, xorb_request(a.store, ORIGIN, signed_for(xorb), upstream.open, digest)))
     # The second request has decided once it follows a fill: the first one's, or one of its own.
     await wait_for(lambda: upstream.opens > 1 or a.store.fill_in_flight(f"{XORBS}:{xorb}").stats.followers > 0)
     held.release.set()
@@ -114,12 +121,8 @@ async def test_a_node_that_finds_the_xorb_named_while_another_commits_it_follows
     a, b = nodes
     data, xorb = a_xorb()
     upstream_a, upstream_b = ScriptedUpstream(data), ScriptedUpstream(data)
-    held = HeldCommit(a)
-    signed = signed_for(xorb)
-    first = asyncio.create_task(get(a.store, xorb_request(a.store, ORIGIN, signed, upstream_a.open, None)))
-    await asyncio.to_thread(held.entered.wait, 30)
-    digest = await named_meanwhile(b, xorb)
-    second = asyncio.create_task(get(b.store, xorb_request(b.store, ORIGIN, signed, upstream_b.open, digest)))
+    first, held, digest = await a_fill_held_at_its_commit(a, b, xorb, upstream_a)
+    second = asyncio.create_task(get(b.store, xorb_request(b.store, ORIGIN, signed_for(xorb), upstream_b.open, digest)))
     # Node b has decided once it has a fill of its own in flight: following a's lease, or fetching.
     await wait_for(lambda: upstream_b.opens > 0 or b.store.fill_in_flight(f"{XORBS}:{xorb}") is not None)
     held.release.set()
