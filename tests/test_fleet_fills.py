@@ -37,9 +37,11 @@ def anyio_backend() -> str:
 class Node:
     """One store as a pullthrough node builds it, sharing `root` and the index with the others."""
 
-    def __init__(self, name: str, root: Path, url: str, *, follow_streams: bool = True) -> None:
+    def __init__(
+        self, name: str, root: Path, url: str, *, follow_streams: bool = True, lease_seconds: float = LEASE_SECONDS
+    ) -> None:
         self.name = name
-        self.store = Store(root, Index(make_engine(url)), node=name, lease_seconds=LEASE_SECONDS, follow_streams=follow_streams)
+        self.store = Store(root, Index(make_engine(url)), node=name, lease_seconds=lease_seconds, follow_streams=follow_streams)
         assert self.store.leases is not None
         self.leases: FillLeases = self.store.leases
 

@@ -41,7 +41,8 @@ def anyio_backend() -> str:
 
 @pytest.fixture
 async def nodes(tmp_path: Path, index_url: str):  # type: ignore[no-untyped-def]
-    started = [Node(name, tmp_path / "cache", index_url) for name in ("a", "b")]
+    # Leases far longer than a busy machine's stall: these tests follow fills, never take one over.
+    started = [Node(name, tmp_path / "cache", index_url, lease_seconds=30.0) for name in ("a", "b")]
     for node in started:
         await node.store.start()
     yield started
@@ -123,7 +124,8 @@ async def test_a_node_that_finds_the_xorb_named_while_another_commits_it_follows
     upstream_a, upstream_b = ScriptedUpstream(data), ScriptedUpstream(data)
     first, held, digest = await a_fill_held_at_its_commit(a, b, xorb, upstream_a)
     second = asyncio.create_task(get(b.store, xorb_request(b.store, ORIGIN, signed_for(xorb), upstream_b.open, digest)))
-    # Node b has decided once it has a fill of its own in flight: following a's lease, or fetching.
+    # Node b has decided once its fill exists: under the xorb's name it can only follow a's lease
+    # (claimed first); under the digest's key it opens its own upstream.
     await wait_for(lambda: upstream_b.opens > 0 or b.store.fill_in_flight(f"{XORBS}:{xorb}") is not None)
     held.release.set()
     assert [r.body for r in await asyncio.gather(first, second)] == [data, data]
@@ -159,7 +161,15 @@ async def test_a_range_of_a_xorb_waits_for_the_whole_xorb_and_the_first_request_
     try:
         data, xorb = a_xorb()
         upstream = ScriptedUpstream(data)
-        first = await get(store, xorb_request(store, ORIGIN, signed_for(xorb), upstream.open, None), range_header="bytes=0-99")
+        upstream.stall_at = 256 * 1024
+        upstream.release.clear()
+        first_request = xorb_request(store, ORIGIN, signed_for(xorb), upstream.open, None)
+        first_task = asyncio.create_task(get(store, first_request, range_header="bytes=0-99"))
+        await wait_for(lambda: (fill := store.fill_in_flight(first_request.fill_key)) is not None and fill.written >= upstream.stall_at)
+        # The range's bytes are on disk, but the xorb is not whole: nothing is answered or counted yet.
+        assert not first_task.done() and events.requests == []
+        upstream.release.set()
+        first = await first_task
         assert (first.status, first.body) == (206, data[:100])
         known = await store.refs.get(XORBS, xorb)
         assert known is not None

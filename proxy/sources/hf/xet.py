@@ -201,7 +201,8 @@ class XetService:
         signed = self._tokens.check_xorb(request.query_params.get("sig"), xorb)
         blob_request = self._xorb_request(signed, await self._stored_as(xorb))
         if request.method == "HEAD":
-            # A HEAD never starts a fill, and only the whole xorb tells its size (hf_xet never asks).
+            # The store's door never fills for a HEAD, and only the whole xorb tells its size: fetch it
+            # first (hf_xet never sends one; such a HEAD is counted as a hit).
             blob_request = self._xorb_request(signed, (await self._store.fetch(blob_request)).digest)
         return await self._store.serve(
             blob_request, method=request.method, range_header=request.headers.get("range"),
