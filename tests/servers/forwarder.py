@@ -4,14 +4,17 @@ that does not log headers itself (moto)."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 
+from tests.servers.recorder import LoopbackUpstream, QuietHandler
 
-class Forwarder(ThreadingHTTPServer):
+#: Not relayed: the hop's own framing, which this server writes anew (httpx has already decoded the body).
+HOP_HEADERS = ("transfer-encoding", "connection", "content-length", "content-encoding")
+
+
+class Forwarder(LoopbackUpstream):
     """Forwards every request to `target` and records (method, path, headers). `status_for(method,
     path, headers, upstream_status)` may answer another status (and an empty body) in the
     upstream's place: a real S3 refuses what moto allows."""
@@ -20,7 +23,7 @@ class Forwarder(ThreadingHTTPServer):
         self.seen: list[tuple[str, str, dict[str, str]]] = []
         recorder = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             protocol_version = "HTTP/1.1"
 
             def _forward(self) -> None:
@@ -32,28 +35,12 @@ class Forwarder(ThreadingHTTPServer):
                     k: v for k, v in headers.items() if k not in ("host", "connection")}, content=body, timeout=60)
                 status = status_for(self.command, self.path, headers, upstream.status_code) if status_for else upstream.status_code
                 if status != upstream.status_code:
-                    self.send_response(status)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
+                    self.send_answer(status, {}, b"")
                     return
-                self.send_response(upstream.status_code)
-                for name, value in upstream.headers.items():
-                    if name.lower() not in ("transfer-encoding", "connection", "content-length", "content-encoding"):
-                        self.send_header(name, value)
-                payload = upstream.content if self.command != "HEAD" else b""
-                length = upstream.headers.get("content-length", "0") if self.command == "HEAD" else str(len(payload))
-                self.send_header("Content-Length", length)
-                self.end_headers()
-                self.wfile.write(payload)
+                relayed = {name: value for name, value in upstream.headers.items() if name.lower() not in HOP_HEADERS}
+                head_length = upstream.headers.get("content-length", "0") if self.command == "HEAD" else None
+                self.send_answer(upstream.status_code, relayed, upstream.content, head_length)
 
             do_GET = do_HEAD = _forward
 
-            def log_message(self, *args: object) -> None:
-                pass
-
-        super().__init__(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
+        super().__init__(Handler)
