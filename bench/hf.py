@@ -32,6 +32,7 @@ if __package__ in (None, ""):  # `python bench/hf.py`
 
 import httpx  # noqa: E402
 
+from bench.hfclient import client_env, empty_home, run_client, wait_quiet  # noqa: E402
 from bench.measure import peak_rss_bytes  # noqa: E402
 from bench.report import text_table  # noqa: E402
 from tests.servers import fake_hub as fake_hub_module  # noqa: E402
@@ -311,17 +312,6 @@ class OlahMirror(Mirror):
 
 # -- one snapshot -----------------------------------------------------------------------------------
 
-CLIENT = r"""
-import json, sys, time
-t0 = time.perf_counter()
-from huggingface_hub import snapshot_download
-t1 = time.perf_counter()
-path = snapshot_download(sys.argv[1])
-t2 = time.perf_counter()
-print(json.dumps({"path": path, "seconds": t2 - t1, "import_seconds": t1 - t0}))
-"""
-
-
 @dataclass
 class Snapshot:
     seconds: float
@@ -332,30 +322,6 @@ class Snapshot:
     upstream_downloads: int
     upstream_bytes: int
     cdn_gets: int
-
-
-def client_env(endpoint: str, home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("HF_", "HUGGINGFACE_")) and k not in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy",
-                                                                       "https_proxy", "ALL_PROXY", "all_proxy")}
-    env.update(HF_HOME=str(home), HF_ENDPOINT=endpoint, HF_HUB_DISABLE_TELEMETRY="1",
-               HF_HUB_DISABLE_PROGRESS_BARS="1", NO_PROXY="127.0.0.1,localhost",
-               # hf_xet stays installed and enabled; should a mirror ever hand out Xet metadata, fail fast
-               HF_XET_CLIENT_RETRY_MAX_ATTEMPTS="1", HF_XET_CLIENT_RETRY_MAX_DURATION="5s")
-    return env
-
-
-def wait_quiet(hub: FakeHub, quiet: float = 1.0, limit: float = 30.0) -> None:
-    """Until the fake Hub has seen no new request for `quiet` seconds (background fetches count too)."""
-    deadline = time.monotonic() + limit
-    count, since = len(hub.hits()), time.monotonic()
-    while time.monotonic() < deadline:
-        time.sleep(0.1)
-        now = len(hub.hits())
-        if now != count:
-            count, since = now, time.monotonic()
-        elif time.monotonic() - since >= quiet:
-            return
 
 
 def range_length(header: str | None, size: int) -> int:
@@ -374,46 +340,18 @@ def range_length(header: str | None, size: int) -> int:
 
 def run_snapshot(mirror: Mirror, hub: FakeHub, files: dict[str, bytes], expected: dict[str, str], home: Path,
                  timeout: float) -> Snapshot:
-    shutil.rmtree(home, ignore_errors=True)
-    home.mkdir(parents=True)
-    hub.reset_hits()
-    started = time.monotonic()
-    try:
-        result = subprocess.run([sys.executable, "-c", CLIENT, REPO_ID], env=client_env(mirror.url, home),
-                                capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:  # the child is killed by run(); count it as a failed snapshot
-        result = subprocess.CompletedProcess([], -9, "", f"timed out after {timeout:.0f} s")
-    process_seconds = time.monotonic() - started
-    wait_quiet(hub)
-    hits = hub.hits()
-    downloads = [h for h in hits if h.method == "GET" and h.status in (200, 206)
-                 and h.kind in ("resolve", "resolve-cache", "lfs", "xet-bridge")]
-    upstream_bytes = sum(range_length(h.range, len(files.get(h.path or "", b""))) for h in downloads)
-    cdn_gets = sum(1 for h in hits if h.host == "cdn" and h.method == "GET")
-    seconds, verified, problem = float("nan"), False, ""
-    if result.returncode != 0:
-        problem = f"snapshot_download exited {result.returncode}: {result.stderr.strip().splitlines()[-1:]}"
-    else:
-        report = json.loads(result.stdout.strip().splitlines()[-1])
-        seconds = report["seconds"]
-        verified, problem = verify(Path(report["path"]), expected)
-    shutil.rmtree(home, ignore_errors=True)
-    return Snapshot(seconds, process_seconds, verified, problem, len(hits), len(downloads), upstream_bytes, cdn_gets)
-
-
-def verify(snapshot: Path, expected: dict[str, str]) -> tuple[bool, str]:
-    """Every file of the model present, nothing else, each with the right sha256."""
-    found = {str(p.relative_to(snapshot)) for p in snapshot.rglob("*") if p.is_file()}
-    if found != set(expected):
-        return False, f"files differ: missing {sorted(set(expected) - found)}, extra {sorted(found - set(expected))}"
-    for name, digest in expected.items():
-        h = hashlib.sha256()
-        with open(snapshot / name, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-        if h.hexdigest() != digest:
-            return False, f"{name}: sha256 {h.hexdigest()} != {digest}"
-    return True, ""
+    with empty_home(home):
+        hub.reset_hits()
+        run = run_client(client_env(mirror.url, home), timeout, REPO_ID)
+        wait_quiet(lambda: len(hub.hits()), quiet=1.0)
+        hits = hub.hits()
+        downloads = [h for h in hits if h.method == "GET" and h.status in (200, 206)
+                     and h.kind in ("resolve", "resolve-cache", "lfs", "xet-bridge")]
+        upstream_bytes = sum(range_length(h.range, len(files.get(h.path or "", b""))) for h in downloads)
+        cdn_gets = sum(1 for h in hits if h.host == "cdn" and h.method == "GET")
+        verified, problem = run.check(expected)
+    return Snapshot(run.seconds, run.process_seconds, verified, problem, len(hits), len(downloads), upstream_bytes,
+                    cdn_gets)
 
 
 def probe(mirror: Mirror, files: dict[str, bytes], name: str) -> str:

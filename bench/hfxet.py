@@ -17,7 +17,6 @@ import os
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -26,8 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from bench.hf import (BENCH_DIR, HUB_LFS_THRESHOLD, BenchHub, Mirror, PullthroughMirror, _BenchHandler,
-                      client_env, environment, log, safetensors_shard, verify)
+from bench.hf import (BENCH_DIR, HUB_LFS_THRESHOLD, BenchHub, Mirror, PullthroughMirror, _BenchHandler, environment,
+                      log, safetensors_shard)
+from bench.hfclient import client_env, empty_home, run_client, wait_quiet
 from bench.report import text_table
 from tests.servers import fake_cas as fake_cas_module
 from tests.servers.fake_cas import FAST_FAILING_XET, FakeCas
@@ -148,18 +148,6 @@ def start_servers(workdir: Path, main: dict[str, bytes], revised: dict[str, byte
 
 # -- one snapshot -----------------------------------------------------------------------------------
 
-CLIENT = r"""
-import json, sys, time
-t0 = time.perf_counter()
-from huggingface_hub import constants, snapshot_download
-constants.MAX_HTTP_DOWNLOAD_SIZE = int(sys.argv[3])  # only hf_xet may fetch the big file
-t1 = time.perf_counter()
-path = snapshot_download(sys.argv[1], revision=sys.argv[2])
-t2 = time.perf_counter()
-print(json.dumps({"path": path, "seconds": t2 - t1, "import_seconds": t1 - t0}))
-"""
-
-
 @dataclass
 class Snapshot:
     seconds: float
@@ -172,42 +160,17 @@ class Snapshot:
     xorb_bytes: int
 
 
-def wait_quiet(count: Callable[[], int], quiet: float = 0.7, limit: float = 30.0) -> None:
-    """Until `count()` (requests logged upstream) has not changed for `quiet` seconds: background fetches count."""
-    deadline = time.monotonic() + limit
-    last, since = count(), time.monotonic()
-    while time.monotonic() < deadline:
-        time.sleep(0.1)
-        now = count()
-        if now != last:
-            last, since = now, time.monotonic()
-        elif time.monotonic() - since >= quiet:
-            return
-
-
 def run_snapshot(endpoint: str, hub: FakeHub, cas: FakeCas, revision: str, expected: dict[str, str], home: Path,
                  timeout: float) -> Snapshot:
-    shutil.rmtree(home, ignore_errors=True)
-    home.mkdir(parents=True)
-    hub.reset_hits()
-    cas.reset_requests()
-    env = client_env(endpoint, home) | FAST_FAILING_XET
-    try:
-        result = subprocess.run([sys.executable, "-c", CLIENT, REPO_ID, revision, str(MAX_HTTP_DOWNLOAD)], env=env,
-                                capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:  # the child is killed by run(); count it as a failed snapshot
-        result = subprocess.CompletedProcess([], -9, "", f"timed out after {timeout:.0f} s")
-    wait_quiet(lambda: len(hub.hits()) + len(cas.requests()))
-    seconds, verified, problem = float("nan"), False, ""
-    if result.returncode != 0:
-        problem = f"snapshot_download exited {result.returncode}: {result.stderr.strip().splitlines()[-1:]}"
-    else:
-        report = json.loads(result.stdout.strip().splitlines()[-1])
-        verified, problem = verify(Path(report["path"]), expected)
-        seconds = report["seconds"] if verified else float("nan")
-    shutil.rmtree(home, ignore_errors=True)
-    return Snapshot(seconds, verified, problem, len(hub.hits()), len(cas.requests(host="cas")),
-                    cas.count(kind=("reconstruction", "batch-reconstruction")),
+    with empty_home(home):
+        hub.reset_hits()
+        cas.reset_requests()
+        run = run_client(client_env(endpoint, home) | FAST_FAILING_XET, timeout, REPO_ID, revision,
+                         str(MAX_HTTP_DOWNLOAD))
+        wait_quiet(lambda: len(hub.hits()) + len(cas.requests()), quiet=0.7)
+        verified, problem = run.check(expected)
+    return Snapshot(run.seconds if verified else float("nan"), verified, problem, len(hub.hits()),
+                    len(cas.requests(host="cas")), cas.count(kind=("reconstruction", "batch-reconstruction")),
                     cas.count(kind="xorb-range", method="GET"), cas.xorb_bytes_served())
 
 
