@@ -23,6 +23,7 @@ import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 from urllib.parse import urlsplit
@@ -372,6 +373,40 @@ def probe(mirror: Mirror, files: dict[str, bytes], name: str) -> str:
 
 # -- results ----------------------------------------------------------------------------------------
 
+# The first helpers serve hfxet.py too: medians that skip failed runs, markdown tables, the report's end.
+
+
+def aggregate_runs(values: list[float], aggregate: Callable[[list[float]], float] = statistics.median) -> float | None:
+    """`aggregate` (the median unless named) of one quantity's repetitions, failed runs (NaN) left out; None if
+    every run failed."""
+    values = [v for v in values if v == v]
+    return aggregate(values) if values else None
+
+
+def markdown_table(header: list[str], body: list[list[str]]) -> list[str]:
+    return (["| " + " | ".join(header) + " |", "|" + "|".join([" --- "] + [" ---: "] * (len(header) - 1)) + "|"]
+            + ["| " + " | ".join(cells) + " |" for cells in body])
+
+
+def markdown_appendix(notes: list[str], values: dict[str, dict[str, list[float]]], keys: tuple[str, str],
+                      environment: dict[str, str]) -> list[str]:
+    """A report's last sections: its notes, every repetition's values (by the two `keys` of `values`), the machine."""
+    lines = (["", "Notes:", ""] + [f"- {n}" for n in notes]) if notes else []
+    lines += ["", "## Every repetition", "", f"| {keys[0]} | {keys[1]} | values |", "| --- | --- | --- |"]
+    for outer, by_inner in values.items():
+        for inner, runs in by_inner.items():
+            lines.append(f"| {outer} | {inner} | {', '.join(f'{v:.3f}' for v in runs)} |")
+    return lines + ["", "## Machine", ""] + [f"- {k}: {v}" for k, v in environment.items()]
+
+
+def publish(text: str, markdown: Callable[[datetime.datetime, str], str], output: Path, argv: list[str] | None) -> None:
+    """The table to stdout; `markdown(now, the command that ran)` to `output`."""
+    print(text)
+    command = " ".join(["python -m bench.hf"] + (sys.argv[1:] if argv is None else list(argv)))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(markdown(datetime.datetime.now(datetime.timezone.utc), command.strip()))
+    log(f"wrote {output}")
+
 
 @dataclass
 class Results:
@@ -390,8 +425,7 @@ class Results:
         self.values[metric][mirror].append(value)
 
     def get(self, metric: str, mirror: str, aggregate: Callable[[list[float]], float]) -> float | None:
-        values = [v for v in self.values.get(metric, {}).get(mirror, []) if v == v]  # drop NaN (failed runs)
-        return aggregate(values) if values else None
+        return aggregate_runs(self.values.get(metric, {}).get(mirror, []), aggregate)
 
 
 @dataclass(frozen=True)
@@ -465,10 +499,8 @@ def render_markdown(results: Results, when: datetime.datetime, command: str) -> 
         f"plain git files) from the fake Hub in tests/servers/fake_hub.py; medians of {results.reps} "
         f"repetition(s) unless marked max; every server measured in the same run. Ran {results.elapsed:.0f} s.",
         "",
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join([" --- "] + [" ---: "] * (len(header) - 1)) + "|",
     ]
-    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    lines += markdown_table(header, body)
     lines += [
         "",
         "- *snapshot*: `huggingface_hub.snapshot_download` in a fresh Python process with an empty `HF_HOME`, "
@@ -488,13 +520,7 @@ def render_markdown(results: Results, when: datetime.datetime, command: str) -> 
         lines += ["", "How each server answers a client's request for an LFS file (`/{repo}/resolve/main/"
                       "model-00001-of-00002.safetensors`, redirects not followed, after the run):", ""]
         lines += [f"- {LABELS[m]}: {text}" for m, text in results.probes.items()]
-    if results.notes:
-        lines += ["", "Notes:", ""] + [f"- {n}" for n in results.notes]
-    lines += ["", "## Every repetition", "", "| metric | server | values |", "| --- | --- | --- |"]
-    for metric, by_mirror in results.values.items():
-        for mirror, values in by_mirror.items():
-            lines.append(f"| {metric} | {mirror} | {', '.join(f'{v:.3f}' for v in values)} |")
-    lines += ["", "## Machine", ""] + [f"- {k}: {v}" for k, v in results.environment.items()]
+    lines += markdown_appendix(results.notes, results.values, ("metric", "server"), results.environment)
     return "\n".join(lines) + "\n"
 
 
@@ -590,12 +616,7 @@ def main(argv: list[str] | None = None) -> int:
         hub.stop()
         stop_all_processes()
     results.elapsed = time.monotonic() - started
-    text = render_text(results)
-    print(text)
-    command = " ".join(["python -m bench.hf"] + (sys.argv[1:] if argv is None else list(argv)))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(render_markdown(results, datetime.datetime.now(datetime.timezone.utc), command.strip()))
-    log(f"wrote {args.output}")
+    publish(render_text(results), partial(render_markdown, results), args.output, argv)
     return 0
 
 

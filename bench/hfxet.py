@@ -22,11 +22,12 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
-from bench.hf import (BENCH_DIR, HUB_LFS_THRESHOLD, BenchHub, Mirror, PullthroughMirror, _BenchHandler, environment,
-                      log, safetensors_shard)
+from bench.hf import (BENCH_DIR, HUB_LFS_THRESHOLD, BenchHub, Mirror, PullthroughMirror, _BenchHandler, aggregate_runs,
+                      environment, log, markdown_appendix, markdown_table, publish, safetensors_shard)
 from bench.hfclient import client_env, empty_home, run_client, wait_quiet
 from bench.report import text_table
 from tests.servers import fake_cas as fake_cas_module
@@ -205,8 +206,7 @@ class Results:
             self.values[phase][name].append(float(getattr(shot, name)))
 
     def get(self, phase: str, name: str, aggregate: Callable[[list[float]], float] = statistics.median) -> float | None:
-        values = [v for v in self.values.get(phase, {}).get(name, []) if v == v]  # drop NaN (failed runs)
-        return aggregate(values) if values else None
+        return aggregate_runs(self.values.get(phase, {}).get(name, []), aggregate)
 
     def speedup(self, phase: str) -> float | None:
         """direct's median time ÷ this phase's: above 1 is faster than the client going to the origin itself."""
@@ -259,11 +259,6 @@ def target_table(results: Results) -> tuple[list[str], list[list[str]]]:
     return ["target", "measured", "target", "met"], rows
 
 
-def _markdown(header: list[str], body: list[list[str]]) -> list[str]:
-    return (["| " + " | ".join(header) + " |", "|" + "|".join([" --- "] + [" ---: "] * (len(header) - 1)) + "|"]
-            + ["| " + " | ".join(cells) + " |" for cells in body])
-
-
 DIRECT_CAVEAT = ("*direct* is the client against the Python fake Hub and fake CAS of tests/servers/ on the same "
                  "machine, not the real Hub: the fake serves xorbs from memory over loopback and shares the cores "
                  "with pullthrough and the client, so the ratio flatters neither side much; a warm snapshot is then "
@@ -288,7 +283,7 @@ def render_markdown(results: Results, when: datetime.datetime, command: str) -> 
         f"git); medians of {results.reps} repetition(s) unless marked max. Ran {results.elapsed:.0f} s.",
         "",
     ]
-    lines += _markdown(*phase_table(results)) + [""] + _markdown(*target_table(results))
+    lines += markdown_table(*phase_table(results)) + [""] + markdown_table(*target_table(results))
     lines += [
         "",
         f"- {DIRECT_CAVEAT}",
@@ -305,13 +300,7 @@ def render_markdown(results: Results, when: datetime.datetime, command: str) -> 
     ]
     if results.peak_rss:
         lines.append(f"- pullthrough's peak RSS (VmHWM, over every start): {results.peak_rss / 2**20:.0f} MiB.")
-    if results.notes:
-        lines += ["", "Notes:", ""] + [f"- {n}" for n in results.notes]
-    lines += ["", "## Every repetition", "", "| snapshot | quantity | values |", "| --- | --- | --- |"]
-    for phase, by_name in results.values.items():
-        for name, values in by_name.items():
-            lines.append(f"| {phase} | {name} | {', '.join(f'{v:.3f}' for v in values)} |")
-    lines += ["", "## Machine", ""] + [f"- {k}: {v}" for k, v in results.environment.items()]
+    lines += markdown_appendix(results.notes, results.values, ("snapshot", "quantity"), results.environment)
     return "\n".join(lines) + "\n"
 
 
@@ -375,11 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         cas.stop()
         stop_all_processes()
     results.elapsed = time.monotonic() - started
-    print(render_text(results))
-    command = " ".join(["python -m bench.hf"] + (sys.argv[1:] if argv is None else list(argv)))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(render_markdown(results, datetime.datetime.now(datetime.timezone.utc), command.strip()))
-    log(f"wrote {args.output}")
+    publish(render_text(results), partial(render_markdown, results), args.output, argv)
     return 0
 
 
