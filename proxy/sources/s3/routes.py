@@ -58,6 +58,12 @@ class Grant:
     listed: bool = False  # only a resource set's listing allows it (the bucket has no entry)
 
 
+def _split_url(url: str) -> tuple[str, str]:
+    """s3://bucket/rest -> (bucket, rest): a key, a prefix, or "" for the whole bucket."""
+    bucket, _, rest = url.removeprefix("s3://").partition("/")
+    return bucket, rest
+
+
 def _listed_scope(bucket: str, prefix: str) -> ReadScope:
     """The read scope of a listed s3://bucket/prefix: that URL alone, never the bucket's."""
     return ReadScope(f"s3:{bucket}/{prefix.rstrip('/')}")
@@ -109,7 +115,7 @@ class S3Mirror:
             self._listed[resource_set] = listed
         else:
             self._listed.pop(resource_set, None)
-        live = {str(_listed_scope(*url.removeprefix("s3://").partition("/")[::2])) for urls in self._listed.values() for url in urls}
+        live = {str(_listed_scope(*_split_url(url))) for urls in self._listed.values() for url in urls}
         self._signed &= live  # a URL that left every listing starts unsigned again if it comes back
 
     async def aclose(self) -> None:
@@ -154,7 +160,7 @@ class S3Mirror:
         found = []
         for urls in self._listed.values():
             for url in urls:
-                bucket, _, prefix = url.removeprefix("s3://").partition("/")
+                bucket, prefix = _split_url(url)
                 if bucket == bucket_name:
                     found.append(prefix)
         return found
@@ -205,7 +211,7 @@ class S3Mirror:
     async def prefetch_url(self, url: str) -> list[tuple[str, BlobFile]]:
         """s3://bucket/key (an object) or s3://bucket/prefix[/] (everything under it) into the
         cache; (path relative to the prefix, or the key's last part, and blob) of each object."""
-        bucket_name, _, key = url.removeprefix("s3://").partition("/")
+        bucket_name, key = _split_url(url)
         if key and not key.endswith("/"):
             try:
                 return [(key.rsplit("/", 1)[-1], await self._fetch(bucket_name, key))]
