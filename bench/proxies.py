@@ -18,6 +18,7 @@ class Proxy:
 
     name: str
     label: str
+    cold_path_only = False  # a variant that differs only on the cold path: left out of warm and manifest runs
 
     def __init__(self, image: BenchImage) -> None:
         self.image = image
@@ -130,11 +131,12 @@ class PullthroughProxy(Proxy):
 
     name = "pullthrough"
     label = "pullthrough"
+    settings: dict[str, object] = {}  # beside the defaults
 
     def __init__(self, image: BenchImage, workdir: Path, upstream_url: str) -> None:
         super().__init__(image)
         registries = [{"name": "bench.local", "url": upstream_url, "default": True, "tag_ttl": "1h"}]
-        self.server = Pullthrough.start(workdir / "cache", registries, workdir=workdir / "run")
+        self.server = Pullthrough.start(workdir / "cache", registries, workdir=workdir / "run", **self.settings)
 
     @property
     def url(self) -> str:
@@ -157,4 +159,15 @@ class PullthroughProxy(Proxy):
         self.server.stop()
 
 
-PROXIES = {"pullthrough": PullthroughProxy, "distribution": DistributionProxy}
+class DropBehindProxy(PullthroughProxy):
+    """pullthrough with `drop_behind = true`: a fill keeps only its tail in the page cache. Only the
+    cold path differs (the cold GET, the first GET after it, 8 concurrent cold GETs), so the
+    warm and manifest runs leave it out."""
+
+    name = "pullthrough-drop"
+    label = "pullthrough drop"
+    settings = {"drop_behind": True}
+    cold_path_only = True
+
+
+PROXIES = {"pullthrough": PullthroughProxy, "pullthrough-drop": DropBehindProxy, "distribution": DistributionProxy}

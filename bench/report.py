@@ -14,8 +14,8 @@ from typing import Callable
 
 from bench.measure import cpu_count, median
 
-COLUMNS = [("pullthrough", "pullthrough"), ("distribution", "distribution proxy"), ("nginx", "nginx"),
-           ("upstream", "upstream direct")]
+COLUMNS = [("pullthrough", "pullthrough"), ("pullthrough-drop", "pullthrough, drop_behind"),
+           ("distribution", "distribution proxy"), ("nginx", "nginx"), ("upstream", "upstream direct")]
 
 
 @dataclass

@@ -82,6 +82,7 @@ class Runtime:
         store = Store(
             settings.cache_dir, index, node=settings.node_name, events=traffic, pools=pools,
             lease_seconds=settings.fill_lease, follow_streams=settings.follow_fills == "stream", offline=settings.offline,
+            drop_behind=settings.drop_behind,
         )
         http = upstream_http_client(settings.upstream_timeout, offline=settings.offline)
         timeout = urllib3.Timeout(connect=min(10.0, settings.upstream_timeout), read=settings.upstream_timeout)

@@ -67,7 +67,7 @@ def open_cache(settings: Settings, *, write: bool, need_files: bool = True) -> t
         raise CacheUnavailable(f"no index at {path}")
     engine = make_engine(url) if write else _read_only_engine(url, path)
     _check_schema(engine, url, may_upgrade=write and path is not None)
-    return BlobStore(settings.cache_dir, node_id=settings.node_name), Index(engine)
+    return BlobStore(settings.cache_dir, node_id=settings.node_name, drop_behind=settings.drop_behind), Index(engine)
 
 
 def _check_writable(folder: Path) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from proxy.store.buffers import BufferRing
 from proxy.store.digest import Digest
+from proxy.store.dropbehind import DropBehind
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +105,10 @@ class TempBlob:
     caller's thread; a fill uses one of the two ways, never both.
     """
 
-    def __init__(self, path: Path, *, pipelined: bool = False) -> None:
+    def __init__(self, path: Path, *, pipelined: bool = False, drop_behind: bool = False) -> None:
         self.path = path
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        self._drop_behind = DropBehind(self.fd) if drop_behind else None
         self._sha256 = hashlib.sha256()
         self._writer = _Stage("fill-write", self._write) if pipelined else None
         self._hasher = _Stage("sha256", self._sha256.update) if pipelined else None
@@ -148,8 +150,17 @@ class TempBlob:
             n = os.write(self.fd, view)
             view = view[n:]
         self.written += length
+        if self._drop_behind is not None:
+            self._drop_behind.written(self.written)
         if self.on_written is not None:
             self.on_written(self.written, self._writer is not None and self._writer.idle())
+
+    def synced(self) -> None:
+        """Blocking: fsync the file (every byte written first), then let drop-behind finish."""
+        self.flush()
+        os.fsync(self.fd)
+        if self._drop_behind is not None:
+            self._drop_behind.synced()
 
     def hexdigest(self) -> str:
         """Blocking: the sha256 of everything appended (no more appends after this)."""
@@ -183,8 +194,9 @@ class TempBlob:
 class BlobStore:
     """The cache's files. Knows nothing of registries or hubs, only digests and bytes."""
 
-    def __init__(self, root: Path, *, node_id: str | None = None) -> None:
+    def __init__(self, root: Path, *, node_id: str | None = None, drop_behind: bool = False) -> None:
         self.root = root
+        self.drop_behind = drop_behind  # fills keep only their tail in the page cache (dropbehind.py)
         self.blobs_dir = root / "blobs"
         self.tmp_dir = root / "tmp"
         # Temp names carry the node so that nodes sharing one mount never sweep each other's fills.
@@ -225,7 +237,7 @@ class BlobStore:
 
     def new_temp(self, *, name: str | None = None, pipelined: bool = False) -> TempBlob:
         """Blocking: a fresh temp file for a fill."""
-        return TempBlob(self.tmp_dir / (name or self.temp_name()), pipelined=pipelined)
+        return TempBlob(self.tmp_dir / (name or self.temp_name()), pipelined=pipelined, drop_behind=self.drop_behind)
 
     def open_temp(self, name: str) -> int | None:
         """Blocking: a read-only descriptor on another process's temp file, or None if it is gone.
@@ -275,7 +287,7 @@ class BlobStore:
         # Read-only: `materialize` hands out hard links, and a job writing to one must not
         # change the cache's copy.
         os.fchmod(temp.fd, 0o444)
-        os.fsync(temp.fd)
+        temp.synced()
         final = self.path_for(digest)
         final.parent.mkdir(parents=True, exist_ok=True)
         os.rename(temp.path, final)
@@ -288,7 +300,7 @@ class BlobStore:
         commits any (an import). Raises on a mismatch, leaving the file to its owner's discard."""
         self.verify(temp, digest, expected_size)
         os.fchmod(temp.fd, 0o444)
-        os.fsync(temp.fd)
+        temp.synced()
         temp.close()
         return temp.path
 

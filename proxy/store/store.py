@@ -64,8 +64,9 @@ class Store:
         follow_streams: bool = True,
         small_object_bytes: int = 64 * 1024 * 1024,
         offline: bool = False,
+        drop_behind: bool = False,
     ) -> None:
-        self.files = BlobStore(root, node_id=node)
+        self.files = BlobStore(root, node_id=node, drop_behind=drop_behind)
         self.index = index
         self.pools = pools or Pools(PoolSizes())  # the store's from here on: it shuts them down
         self._events: StoreEvents = events or NoEvents()
