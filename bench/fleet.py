@@ -41,8 +41,10 @@ from tests.servers.registry import Distribution  # noqa: E402
 BENCH_DIR = Path(__file__).resolve().parent
 SEED = 1
 # "single": one pullthrough node (same PostgreSQL set-up) with the same clients per node, the
-# reference issue 12 compares the fleet's cold GET with.
-SYSTEMS = ("pullthrough", "single", "distribution")
+# reference issue 12 compares the fleet's cold GET with. "single-all": one node with all the fleet's
+# clients: on one machine the fleet's clients and servers share its cores, so this is the reference
+# that does the same work, and the ratio to it is what spreading the clients over nodes costs.
+SYSTEMS = ("pullthrough", "single", "single-all", "distribution")
 POSTGRES_ADMIN_URL = os.environ.get("PULLTHROUGH_TEST_POSTGRES",
                                     "postgresql+psycopg://postgres:postgres@127.0.0.1:5432/postgres")
 
@@ -60,7 +62,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--clients-per-node", type=int, default=4, help="concurrent clients on each node")
     parser.add_argument("--fill-lease", default="5s", help="pullthrough's fill_lease setting")
     parser.add_argument("--systems", default=",".join(SYSTEMS),
-                        help="comma-separated systems to measure (pullthrough, single, distribution)")
+                        help="comma-separated systems to measure (pullthrough, single, single-all, distribution)")
     parser.add_argument("--postgres", default=POSTGRES_ADMIN_URL,
                         help="SQLAlchemy URL of a PostgreSQL database with the right to create databases "
                              "(default: $PULLTHROUGH_TEST_POSTGRES or the tests' default)")
@@ -417,7 +419,7 @@ def rows(results: Results) -> list[Row]:
 def table(results: Results) -> tuple[list[str], list[list[str]]]:
     columns = [s for s in SYSTEMS if s in results.systems]
     header = (["metric"] + [results.labels[s] for s in columns]
-              + ["pullthrough ÷ distribution", "pullthrough ÷ 1 node", "expected", "met"])
+              + ["pullthrough ÷ distribution", "pullthrough ÷ 1 node", "÷ 1 node, all clients", "expected", "met"])
     body = []
     for row in rows(results):
         values = {s: results.get(row.metric, s, row.aggregate) for s in columns}
@@ -427,6 +429,8 @@ def table(results: Results) -> tuple[list[str], list[list[str]]]:
         pt, dist, single = values.get("pullthrough"), values.get("distribution"), values.get("single")
         cells.append(f"{pt / dist:.2f}×" if row.ratio and pt is not None and dist else "—")
         cells.append(f"{pt / single:.2f}×" if row.single_ratio and pt is not None and single else "—")
+        alone = values.get("single-all")
+        cells.append(f"{pt / alone:.2f}×" if row.single_ratio and pt is not None and alone else "—")
         cells.append(row.expected or "—")
         met = None if row.check is None else row.check(pt, single if row.single_ratio else dist)
         cells.append("—" if met is None else "yes" if met else "**no**")
@@ -468,6 +472,11 @@ def render_markdown(results: Results, when: datetime.datetime, command: str) -> 
         "sha256 as it arrives; *wall* runs from the first start to the last body's end; *delivered* = "
         f"{total} × blob ÷ wall. Times count only the repetitions in which every body's sha256 was right "
         "(the others are `nan` below).",
+        f"- *1 node, all clients*: one pullthrough node serving all {total} clients. Every process of the run "
+        "shares one machine's cores, so the fleet does three times the work of *1 pullthrough node* (its "
+        f"{total} clients' copies and hashes, {n} servers' sends); beside the node that does the same work, the "
+        "ratio is what spreading the clients over nodes costs (cross-node following through the shared "
+        "index and temp file).",
         "- *upstream*: GETs of the blob in the upstream registry's access log and their bytes, counted once the "
         "system has stored the blob (no fill left in progress) and the log has been quiet for a second, so "
         "background fetches count too.",
@@ -550,9 +559,8 @@ def make_fleet(name: str, image: BenchImage, run_dir: Path, upstream: Distributi
     if name == "pullthrough":
         return PullthroughFleet(image, run_dir / "pullthrough", upstream.url, args.nodes, args.postgres,
                                 args.fill_lease)
-    if name == "single":
-        return PullthroughFleet(image, run_dir / "single", upstream.url, 1, args.postgres, args.fill_lease,
-                                name="single")
+    if name in ("single", "single-all"):
+        return PullthroughFleet(image, run_dir / name, upstream.url, 1, args.postgres, args.fill_lease, name=name)
     return DistributionFleet(image, run_dir / "distribution", upstream.url, args.nodes)
 
 
@@ -576,6 +584,7 @@ def run(args: argparse.Namespace) -> Results:
     log(f"image ready: layer {image.layer_digest[:19]}, {image.layer_size} bytes "
         f"({time.monotonic() - started:.1f}s)")
     fleet_labels = {"pullthrough": f"{args.nodes} pullthrough nodes", "single": "1 pullthrough node",
+                    "single-all": f"1 node, all {args.nodes * args.clients_per_node} clients",
                     "distribution": f"{args.nodes} distribution proxies"}
     results = Results(size=image.layer_size, reps=args.reps, nodes=args.nodes, clients_per_node=args.clients_per_node,
                       systems=args.systems, labels=fleet_labels, environment=environment(args.postgres))
@@ -595,7 +604,8 @@ def run(args: argparse.Namespace) -> Results:
             order = fleets[rep % len(fleets):] + fleets[:rep % len(fleets)]
             log(f"repetition {rep + 1}/{args.reps}: {', '.join(f.name for f in order)}")
             for fleet in order:
-                measure(fleet, upstream, image, args.clients_per_node, args.timeout, results, rep)
+                clients = args.clients_per_node * (args.nodes if fleet.name == "single-all" else 1)
+                measure(fleet, upstream, image, clients, args.timeout, results, rep)
     finally:
         for server in [*fleets, upstream]:
             if server is None:
