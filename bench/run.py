@@ -26,7 +26,7 @@ from bench.measure import (  # noqa: E402
     MANIFEST_ACCEPT, aggregate_mib_per_second, concurrent_gets, peak_rss_bytes, request_rate, timed_get,
 )
 from tests.servers.nginx import Nginx  # noqa: E402
-from bench.proxies import PROXIES, Proxy  # noqa: E402
+from bench.proxies import PROXIES, Proxy, PullthroughProxy  # noqa: E402
 from bench.report import Results, environment, render_markdown, render_text  # noqa: E402
 from tests.servers.ports import stop_all_processes  # noqa: E402
 from tests.servers.registry import Distribution  # noqa: E402
@@ -107,11 +107,11 @@ def settle_upstream(upstream: Distribution, mark: int, digest: str, quiet: float
 @contextlib.contextmanager
 def py_spy(proxy: Proxy, profile_dir: Path | None, what: str) -> Iterator[None]:
     """With `profile_dir`, sample pullthrough (not distribution: Go) with py-spy while the body runs."""
-    if profile_dir is None or proxy.name != "pullthrough" or proxy.pid is None:
+    if profile_dir is None or not isinstance(proxy, PullthroughProxy) or proxy.pid is None:
         yield
         return
     profile_dir.mkdir(parents=True, exist_ok=True)
-    output = profile_dir / f"{what}-{time.strftime('%H%M%S')}.svg"
+    output = profile_dir / f"{proxy.name}-{what}-{time.strftime('%H%M%S')}.svg"
     spy = subprocess.Popen(["py-spy", "record", "--pid", str(proxy.pid), "--rate", "200", "--threads", "--idle",
                             "--output", str(output)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(1.0)  # py-spy attaches
