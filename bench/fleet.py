@@ -560,7 +560,10 @@ def make_fleet(name: str, image: BenchImage, run_dir: Path, upstream: Distributi
         return PullthroughFleet(image, run_dir / "pullthrough", upstream.url, args.nodes, args.postgres,
                                 args.fill_lease)
     if name in ("single", "single-all"):
-        return PullthroughFleet(image, run_dir / name, upstream.url, 1, args.postgres, args.fill_lease, name=name)
+        fleet = PullthroughFleet(image, run_dir / name, upstream.url, 1, args.postgres, args.fill_lease, name=name)
+        if name == "single-all":
+            fleet.label = f"1 node, all {args.nodes * args.clients_per_node} clients"
+        return fleet
     return DistributionFleet(image, run_dir / "distribution", upstream.url, args.nodes)
 
 
