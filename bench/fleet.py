@@ -560,10 +560,7 @@ def make_fleet(name: str, image: BenchImage, run_dir: Path, upstream: Distributi
         return PullthroughFleet(image, run_dir / "pullthrough", upstream.url, args.nodes, args.postgres,
                                 args.fill_lease)
     if name in ("single", "single-all"):
-        fleet = PullthroughFleet(image, run_dir / name, upstream.url, 1, args.postgres, args.fill_lease, name=name)
-        if name == "single-all":
-            fleet.label = f"1 node, all {args.nodes * args.clients_per_node} clients"
-        return fleet
+        return PullthroughFleet(image, run_dir / name, upstream.url, 1, args.postgres, args.fill_lease, name=name)
     return DistributionFleet(image, run_dir / "distribution", upstream.url, args.nodes)
 
 
@@ -602,6 +599,7 @@ def run(args: argparse.Namespace) -> Results:
         timed_get(f"{upstream.url}/v2/{REPOSITORY}/blobs/{image.layer_digest}").check(image.layer_size, "upstream")
         for name in args.systems:
             fleets.append(make_fleet(name, image, run_dir, upstream, args))
+            fleets[-1].label = fleet_labels[name]  # the log's words are the table's
         for rep in range(args.reps):
             # Rotate the order each repetition so that no system always goes first on a noisy box.
             order = fleets[rep % len(fleets):] + fleets[:rep % len(fleets)]

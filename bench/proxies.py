@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import ClassVar
 
 from bench.image import REPOSITORY, TAG, BenchImage
 from bench.measure import peak_rss_bytes, rss_bytes
@@ -131,7 +133,7 @@ class PullthroughProxy(Proxy):
 
     name = "pullthrough"
     label = "pullthrough"
-    settings: dict[str, object] = {}  # beside the defaults
+    settings: ClassVar[Mapping[str, object]] = {}  # beside the defaults
 
     def __init__(self, image: BenchImage, workdir: Path, upstream_url: str) -> None:
         super().__init__(image)

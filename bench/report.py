@@ -122,15 +122,18 @@ def _size_label(size: int) -> str:
 
 
 def table(results: Results) -> tuple[list[str], list[list[str]]]:
-    header = ["metric"] + [label for _, label in COLUMNS] + ["pullthrough ÷ distribution", "pullthrough ÷ nginx",
+    # A variant that was not measured gets no column (the references always have one: they are
+    # measured in every run, and "—" under distribution says it was left out).
+    columns = [(key, label) for key, label in COLUMNS if key != "pullthrough-drop" or key in results.proxies]
+    header = ["metric"] + [label for _, label in columns] + ["pullthrough ÷ distribution", "pullthrough ÷ nginx",
                                                             "pullthrough ÷ direct", "target", "met"]
     body = []
     for row in rows(_size_label(results.size), results.clients, results.warm_clients):
         cells = [row.label]
-        values = {key: results.get(row.metric, key, row.aggregate) for key, _ in COLUMNS}
+        values = {key: results.get(row.metric, key, row.aggregate) for key, _ in columns}
         if all(v is None for v in values.values()):
             continue
-        cells += ["—" if values[key] is None else row.fmt.format(values[key]) for key, _ in COLUMNS]
+        cells += ["—" if values[key] is None else row.fmt.format(values[key]) for key, _ in columns]
         pt, dist = values["pullthrough"], values["distribution"]
         ratio = _ratio(pt, dist)
         cells.append("—" if ratio is None else f"{ratio:.2f}×")

@@ -150,17 +150,17 @@ class TempBlob:
             n = os.write(self.fd, view)
             view = view[n:]
         self.written += length
-        if self._drop_behind is not None:
-            self._drop_behind.written(self.written)
         if self.on_written is not None:
             self.on_written(self.written, self._writer is not None and self._writer.idle())
+        if self._drop_behind is not None:  # after the readers are told: advice is not on their path
+            self._drop_behind.written(self.written)
 
-    def synced(self) -> None:
+    def fsync(self) -> None:
         """Blocking: fsync the file (every byte written first), then let drop-behind finish."""
         self.flush()
         os.fsync(self.fd)
         if self._drop_behind is not None:
-            self._drop_behind.synced()
+            self._drop_behind.fsynced(self.written)
 
     def hexdigest(self) -> str:
         """Blocking: the sha256 of everything appended (no more appends after this)."""
@@ -196,7 +196,7 @@ class BlobStore:
 
     def __init__(self, root: Path, *, node_id: str | None = None, drop_behind: bool = False) -> None:
         self.root = root
-        self.drop_behind = drop_behind  # fills keep only their tail in the page cache (dropbehind.py)
+        self.drop_behind = drop_behind  # fills and imports keep only their tail in the page cache (dropbehind.py)
         self.blobs_dir = root / "blobs"
         self.tmp_dir = root / "tmp"
         # Temp names carry the node so that nodes sharing one mount never sweep each other's fills.
@@ -287,7 +287,7 @@ class BlobStore:
         # Read-only: `materialize` hands out hard links, and a job writing to one must not
         # change the cache's copy.
         os.fchmod(temp.fd, 0o444)
-        temp.synced()
+        temp.fsync()
         final = self.path_for(digest)
         final.parent.mkdir(parents=True, exist_ok=True)
         os.rename(temp.path, final)
@@ -300,7 +300,7 @@ class BlobStore:
         commits any (an import). Raises on a mismatch, leaving the file to its owner's discard."""
         self.verify(temp, digest, expected_size)
         os.fchmod(temp.fd, 0o444)
-        temp.synced()
+        temp.fsync()
         temp.close()
         return temp.path
 
