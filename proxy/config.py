@@ -413,8 +413,8 @@ class Settings(BaseSettings):
     listen: str = "127.0.0.1:5000"
     cache_dir: Path = Path("/var/cache/pullthrough")
     database_url: str | None = None
-    # A fill keeps only its last ~128 MiB in the page cache (proxy/store/dropbehind.py): a cold GET runs
-    # faster and a big pull does not evict what is hot, but the first read after the fill reads from disk.
+    # A fill keeps only its last ~128 MiB in the page cache (proxy/store/dropbehind.py): a cold GET's time is
+    # steadier and a big pull does not evict what is hot, but the first read after the fill reads from disk.
     drop_behind: bool = False
     default_ttl: Duration = 86400.0
     ttl_from: TtlFrom = "access"  # what default_ttl (and every ttl without its own) counts from: last read or download
