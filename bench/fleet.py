@@ -473,7 +473,7 @@ def render_markdown(results: Results, when: datetime.datetime, command: str) -> 
         f"{total} × blob ÷ wall. Times count only the repetitions in which every body's sha256 was right "
         "(the others are `nan` below).",
         f"- *1 node, all clients*: one pullthrough node serving all {total} clients. Every process of the run "
-        "shares one machine's cores, so the fleet does three times the work of *1 pullthrough node* (its "
+        f"shares one machine's cores, so the fleet does {n} times the work of *1 pullthrough node* (its "
         f"{total} clients' copies and hashes, {n} servers' sends); beside the node that does the same work, the "
         "ratio is what spreading the clients over nodes costs (cross-node following through the shared "
         "index and temp file).",
