@@ -33,10 +33,12 @@ def wait_until(condition: Callable[[], object], timeout: float = 60.0, what: str
 
 
 def status(url: str) -> int | None:
-    """The status of GET url on a new connection; None when nothing listens."""
+    """The status of GET url on a new connection; None when nothing listens. A connection the
+    kernel accepted into the backlog just as the server closed its listener is closed unanswered
+    (RemoteProtocolError): that is the listener closing too, not a server that answers."""
     try:
         return httpx.get(url, timeout=10).status_code
-    except httpx.ConnectError:
+    except (httpx.ConnectError, httpx.RemoteProtocolError):
         return None
 
 
